@@ -1,0 +1,87 @@
+"""``monai-mask`` command line: thin subcommands over the library (lazy imports, no logic)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _sample_data(args: argparse.Namespace) -> None:
+    from monai_mask.data.synthetic import write_dataset
+
+    path = write_dataset(args.out, n=args.n, seed=args.seed, modality=args.modality,
+                         shape=tuple(args.shape), progress=True)
+    print(f"wrote {args.n} {args.modality.upper()} phantoms and {path}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from monai_mask.data.prepare import prepare_dataset, summary_table
+
+    result = prepare_dataset(args.images, args.out, labels=args.labels, folds=args.folds,
+                             skip_bad=args.skip_bad, convert_dicom=args.convert_dicom,
+                             modality=args.modality, pseudonym_map=args.pseudonym_map,
+                             seed=args.seed)
+    print(summary_table(result))
+
+
+def _overview(args: argparse.Namespace) -> None:
+    from monai_mask.visualize import overview_png
+
+    print(f"wrote {overview_png(args.prepared, args.out, case_id=args.case)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``monai-mask`` and its subcommands."""
+    parser = argparse.ArgumentParser(prog="monai-mask", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample-data", help="write synthetic CT/MR tumour phantoms + datalist")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=8, help="number of cases (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modality", choices=("ct", "mr"), default="ct")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), metavar=("X", "Y", "Z"))
+    p.set_defaults(func=_sample_data)
+
+    p = sub.add_parser("prepare", help="scan DICOM/NIfTI/NRRD/MHA -> datalist, fingerprint, plan")
+    p.add_argument("--images", required=True, help="folder of images and/or DICOM series")
+    p.add_argument("--labels", help="folder of label maps named like the images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--skip-bad", action="store_true", help="skip bad cases, report them")
+    p.add_argument("--convert-dicom", action="store_true", help="write series as NIfTI in OUT")
+    p.add_argument("--modality", choices=("auto", "ct", "mr"), default="auto")
+    p.add_argument("--pseudonym-map", action="store_true",
+                   help="also write pseudonym_map.csv (pseudonym -> PatientID)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("overview", help="PNG of a prepared case with its tumour outline")
+    p.add_argument("prepared", help="folder written by prepare")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--case", help="case id (default: the largest tumour)")
+    p.set_defaults(func=_overview)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (errors print one line and return 2)."""
+    from monai_mask.errors import MonaiMaskError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MonaiMaskError as err:
+        print(f"monai-mask {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"monai-mask {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""PNG figures of cases: orthogonal slices with the tumour outline, plus a dataset summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["case_slices", "overview_png"]
+
+
+def case_slices(image: np.ndarray, label: np.ndarray | None, center: tuple[int, int, int]):
+    """Axial, coronal and sagittal slices ``(image, label)`` through ``center`` (RAS array)."""
+    x, y, z = center
+    views = [(image[:, :, z], None if label is None else label[:, :, z]),
+             (image[:, y, :], None if label is None else label[:, y, :]),
+             (image[x, :, :], None if label is None else label[x, :, :])]
+    return [(np.rot90(i), None if lab is None else np.rot90(lab)) for i, lab in views]
+
+
+def _pick_case(datalist: dict, base: Path) -> dict:
+    """The labelled case with the most tumour voxels (first case when none is labelled)."""
+    best, best_n = datalist["training"][0], -1
+    for item in datalist["training"]:
+        if "label" not in item:
+            continue
+        n = int((np.asanyarray(nib.load(base / item["label"]).dataobj) > 0).sum())
+        if n > best_n:
+            best, best_n = item, n
+    return best
+
+
+def _summary_text(fingerprint: dict, plan: dict | None) -> str:
+    def fmt(values, spec):
+        return " x ".join(format(v, spec) for v in values)
+
+    mods = ", ".join(fingerprint["modalities"])
+    lines = [f"cases: {fingerprint['n_cases']}   modalities: {mods}",
+             "median spacing (mm): " + fmt(fingerprint["median_spacing"], ".2f"),
+             "median shape: " + fmt(fingerprint["median_shape"], ".0f")]
+    for mod, st in fingerprint["foreground_intensity"].items():
+        lines.append(f"{mod} foreground: mean {st['mean']:.1f}  std {st['std']:.1f}")
+        lines.append(f"  p0.5 {st['percentile_00_5']:.1f}  p50 {st['median']:.1f}"
+                     f"  p99.5 {st['percentile_99_5']:.1f}")
+    if plan:
+        lines.append("plan: target spacing " + fmt(plan["target_spacing"], ".2f"))
+        lines.append(f"      patch {plan['patch_size']}  norm {plan['normalisation']['scheme']}")
+    return "\n".join(lines)
+
+
+def overview_png(prepared_dir: str | Path, out_png: str | Path, case_id: str | None = None) -> Path:
+    """Render a case (tumour outline in red) and the fingerprint summary of a prepared folder.
+
+    Args:
+        prepared_dir: folder holding ``datalist.json``, ``fingerprint.json`` and ``plan.json``.
+        out_png: PNG path to write (atomically).
+        case_id: case to show; default the labelled case with the largest tumour.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = Path(prepared_dir)
+    datalist = json.loads((base / "datalist.json").read_text())
+    fingerprint = json.loads((base / "fingerprint.json").read_text())
+    plan_path = base / "plan.json"
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    item = (next(i for i in datalist["training"] if i["case_id"] == case_id) if case_id
+            else _pick_case(datalist, base))
+    img_nii = nib.as_closest_canonical(nib.load(base / item["image"]))
+    image = np.asanyarray(img_nii.dataobj).astype(np.float32)
+    label = None
+    if "label" in item:
+        label = np.asanyarray(nib.as_closest_canonical(nib.load(base / item["label"])).dataobj)
+    center = (np.argwhere(label > 0).mean(0).astype(int) if label is not None and label.any()
+              else np.array(image.shape) // 2)
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+    for ax, (sl, lab), title in zip(axes[:3], case_slices(image, label, tuple(center)),
+                                    ("axial", "coronal", "sagittal"), strict=True):
+        ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        if lab is not None and lab.any():
+            ax.contour(lab > 0, levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_title(f"{item['case_id']} {title}")
+        ax.axis("off")
+    axes[3].axis("off")
+    axes[3].text(0.0, 1.0, _summary_text(fingerprint, plan), va="top", family="monospace",
+                 fontsize=8.5, transform=axes[3].transAxes)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
