@@ -20,6 +20,15 @@ def case_slices(image: np.ndarray, label: np.ndarray | None, center: tuple[int, 
     return [(np.rot90(i), None if lab is None else np.rot90(lab)) for i, lab in views]
 
 
+def _largest_lesion_center(label: np.ndarray) -> np.ndarray:
+    """Voxel centroid of the largest connected foreground component."""
+    from scipy import ndimage
+
+    comps, n = ndimage.label(label > 0)
+    sizes = ndimage.sum_labels(np.ones_like(comps), comps, index=range(1, n + 1))
+    return np.argwhere(comps == int(np.argmax(sizes)) + 1).mean(0).round().astype(int)
+
+
 def _pick_case(datalist: dict, base: Path) -> dict:
     """The labelled case with the most tumour voxels (first case when none is labelled)."""
     best, best_n = datalist["training"][0], -1
@@ -46,7 +55,8 @@ def _summary_text(fingerprint: dict, plan: dict | None) -> str:
                      f"  p99.5 {st['percentile_99_5']:.1f}")
     if plan:
         lines.append("plan: target spacing " + fmt(plan["target_spacing"], ".2f"))
-        lines.append(f"      patch {plan['patch_size']}  norm {plan['normalisation']['scheme']}")
+        schemes = ", ".join(n["scheme"] for n in plan["normalisation"].values())
+        lines.append(f"      patch {plan['patch_size']}  norm {schemes}")
     return "\n".join(lines)
 
 
@@ -75,13 +85,15 @@ def overview_png(prepared_dir: str | Path, out_png: str | Path, case_id: str | N
     label = None
     if "label" in item:
         label = np.asanyarray(nib.as_closest_canonical(nib.load(base / item["label"])).dataobj)
-    center = (np.argwhere(label > 0).mean(0).astype(int) if label is not None and label.any()
-              else np.array(image.shape) // 2)
+    center = _largest_lesion_center(label) if label is not None and label.any() else (
+        np.array(image.shape) // 2)
     lo, hi = np.percentile(image, [0.5, 99.5])
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
-    for ax, (sl, lab), title in zip(axes[:3], case_slices(image, label, tuple(center)),
-                                    ("axial", "coronal", "sagittal"), strict=True):
-        ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    sx, sy, sz = img_nii.header.get_zooms()[:3]
+    views = zip(axes[:3], case_slices(image, label, tuple(center)),
+                ("axial", "coronal", "sagittal"), (sy / sx, sz / sx, sz / sy), strict=True)
+    for ax, (sl, lab), title, aspect in views:
+        ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", aspect=aspect)
         if lab is not None and lab.any():
             ax.contour(lab > 0, levels=[0.5], colors="red", linewidths=1.2)
         ax.set_title(f"{item['case_id']} {title}")
@@ -94,6 +106,44 @@ def overview_png(prepared_dir: str | Path, out_png: str | Path, case_id: str | N
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
     fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def mae_preview_png(image: np.ndarray, mask_grid: np.ndarray, recon: np.ndarray,
+                    out_png: str | Path, title: str = "") -> Path:
+    """Input / masked input / reconstruction, axial and coronal mid slices, as one PNG.
+
+    Args:
+        image: (H, W, D) crop (normalised units).
+        mask_grid: (gh, gw, gd) patch mask, 1 = masked.
+        recon: (H, W, D) reconstruction in the units of ``image``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reps = [s // g for s, g in zip(image.shape, mask_grid.shape, strict=True)]
+    vox_mask = np.kron(mask_grid.astype(np.float32), np.ones(reps, np.float32)) > 0
+    masked = np.where(vox_mask, np.nan, image)
+    lo, hi = np.percentile(image, [1, 99])
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+    cz, cy = image.shape[2] // 2, image.shape[1] // 2
+    for row, take in enumerate((lambda a: a[:, :, cz], lambda a: a[:, cy, :])):
+        for col, (arr, name) in enumerate(((image, "input"), (masked, "masked input"),
+                                           (recon, "reconstruction"))):
+            ax = axes[row, col]
+            ax.imshow(np.rot90(take(arr)), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"{name} ({'axial' if row == 0 else 'coronal'})", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=80)
     plt.close(fig)
     tmp.replace(out_png)
     return out_png

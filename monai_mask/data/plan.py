@@ -5,8 +5,9 @@ The rules follow nnU-Net's experiment planning in simplified form:
 * target spacing: the median spacing per axis; for strongly anisotropic data (largest/smallest
   median spacing > 3) the coarse axis uses the 10th percentile instead, so thin structures are
   not lost;
-* normalisation: CT clips to the dataset's foreground 0.5/99.5 percentiles, then z-scores with the
-  foreground mean/std; MR z-scores each image on its own (non-zero voxels);
+* normalisation, one entry per modality (picked per case by the datalist's ``modality``): CT
+  clips to the dataset's foreground 0.5/99.5 percentiles, then z-scores with the foreground
+  mean/std; MR z-scores each image on its own (non-zero voxels);
 * patch size: the median shape after resampling, rounded down to a multiple of ``divisor`` (the
   MAE patch size / CNN total stride), within ``[min_patch, max_patch]`` per axis.
 """
@@ -70,17 +71,18 @@ def make_plan(
     if not cases:
         raise InputError("fingerprint.json", "no cases to plan from")
     modalities = [c["modality"] for c in cases]
-    main = max(set(modalities), key=modalities.count)
+    # the most frequent modality; ties go to the alphabetically first (CT before MR)
+    main = min(set(modalities), key=lambda m: (-modalities.count(m), m))
     spacings = np.array([c["spacing"] for c in cases], np.float64)
     shapes = np.array([c["shape"] for c in cases], np.float64)
     target = _target_spacing(spacings)
-    norm = normalisation_for(main, fingerprint["foreground_intensity"][main])
+    stats = fingerprint["foreground_intensity"]
     return {
         "plan_version": PLAN_VERSION,
         "modality": main,
         "mixed_modalities": sorted(set(modalities)) if len(set(modalities)) > 1 else [],
         "target_spacing": target,
-        "normalisation": norm,
+        "normalisation": {m: normalisation_for(m, stats[m]) for m in sorted(set(modalities))},
         "patch_size": _patch_size(shapes, spacings, target, divisor, min_patch, max_patch),
         "patch_divisor": divisor,
         "preset": "ct" if main == "CT" else "mr",

@@ -56,8 +56,8 @@ def test_dataset_fingerprint_and_ct_plan():
     assert st["std"] == pytest.approx(10, abs=1.0)
     assert st["percentile_00_5"] < st["median"] < st["percentile_99_5"]
     plan = make_plan(json.loads(json.dumps(fp)))
-    assert plan["normalisation"]["scheme"] == "ct_clip_zscore"
-    assert plan["normalisation"]["clip"] == [st["percentile_00_5"], st["percentile_99_5"]]
+    assert plan["normalisation"]["CT"]["scheme"] == "ct_clip_zscore"
+    assert plan["normalisation"]["CT"]["clip"] == [st["percentile_00_5"], st["percentile_99_5"]]
     assert plan["target_spacing"] == pytest.approx([0.8, 0.8, 2.5])
     assert all(p % 16 == 0 and p >= 32 for p in plan["patch_size"])
 
@@ -73,7 +73,17 @@ def test_mr_plan_is_per_image_zscore():
     rng = np.random.default_rng(0)
     cases = [case_fingerprint("m", np.abs(rng.normal(300, 50, (32, 32, 32))), np.eye(4), "MR",
                               "user")]
-    assert make_plan(dataset_fingerprint(cases))["normalisation"]["scheme"] == "mr_zscore_per_image"
+    plan = make_plan(dataset_fingerprint(cases))
+    assert plan["normalisation"]["MR"]["scheme"] == "mr_zscore_per_image"
+
+
+def test_mixed_modalities_get_one_normalisation_each():
+    rng = np.random.default_rng(0)
+    ct = case_fingerprint("c", *_ct_case(0), "CT", "user")
+    mr = case_fingerprint("m", np.abs(rng.normal(300, 50, (32, 32, 32))), np.eye(4), "MR", "user")
+    plan = make_plan(dataset_fingerprint([mr, ct]))
+    assert plan["modality"] == "CT" and plan["mixed_modalities"] == ["CT", "MR"]
+    assert set(plan["normalisation"]) == {"CT", "MR"}
 
 
 def test_folds_group_patients():
