@@ -131,11 +131,14 @@ def mae_preview_png(image: np.ndarray, mask_grid: np.ndarray, recon: np.ndarray,
     lo, hi = np.percentile(image, [1, 99])
     fig, axes = plt.subplots(2, 3, figsize=(9, 6))
     cz, cy = image.shape[2] // 2, image.shape[1] // 2
+    cmap = matplotlib.colormaps["gray"].copy()
+    cmap.set_bad("#1f4e9c")  # hidden patches in blue
     for row, take in enumerate((lambda a: a[:, :, cz], lambda a: a[:, cy, :])):
         for col, (arr, name) in enumerate(((image, "input"), (masked, "masked input"),
                                            (recon, "reconstruction"))):
             ax = axes[row, col]
-            ax.imshow(np.rot90(take(arr)), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.imshow(np.ma.masked_invalid(np.rot90(take(arr))), cmap=cmap, vmin=lo, vmax=hi,
+                      interpolation="nearest")
             ax.set_title(f"{name} ({'axial' if row == 0 else 'coronal'})", fontsize=9)
             ax.axis("off")
     fig.suptitle(title)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -33,6 +34,43 @@ def _overview(args: argparse.Namespace) -> None:
     print(f"wrote {overview_png(args.prepared, args.out, case_id=args.case)}")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
+    from monai_mask.engines.handlers import latest_checkpoint
+
+    prepared = check_prepared(args.prepared).resolve()
+    bundle = find_bundle("mae_pretrain", args.bundle)
+    out = Path(args.out).resolve()
+    resume = latest_checkpoint(out / "models") if args.resume == "auto" else (args.resume or "")
+    overrides = {"dataset_dir": str(prepared), "output_dir": str(out),
+                 "ckpt_dir": str(out / "models"), "backbone": args.backbone,
+                 "mask_mode": args.masking, "prior_source": args.prior,
+                 "max_epochs": args.epochs, "resume_from": resume, "seed": args.seed}
+    if args.model:
+        overrides["network_name"] = args.model
+    if args.roi:
+        overrides["roi_size"] = list(args.roi)
+    overrides.update(dict(_key_value(kv) for kv in args.set))
+    configs = ["train.json"] + (["multi_gpu_train.json"] if args.nproc > 1 else [])
+    code = run_bundle(bundle_command(bundle, configs, overrides, args.nproc, args.tracking))
+    if code:
+        raise SystemExit(code)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import json
+
+    from monai_mask.errors import ConfigError
+
+    if "=" not in text:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``monai-mask`` and its subcommands."""
     parser = argparse.ArgumentParser(prog="monai-mask", description=__doc__)
@@ -58,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write pseudonym_map.csv (pseudonym -> PatientID)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("pretrain", help="MAE pretraining with bundles/mae_pretrain")
+    p.add_argument("--prepared", required=True, help="folder written by prepare")
+    p.add_argument("--out", required=True, help="run folder (models/, previews/, logs)")
+    p.add_argument("--backbone", choices=("vit", "cnn"), default="vit")
+    p.add_argument("--model", help="registered model name (default: the bundle's tiny model)")
+    p.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"), help="crop size")
+    p.add_argument("--masking", choices=("random", "block", "lesion_aware"),
+                   default="lesion_aware")
+    p.add_argument("--prior", choices=("intensity", "label", "self", "none"), default="intensity")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, torchrun")
+    p.add_argument("--tracking", choices=("mlflow",), help="experiment tracking")
+    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (latest in OUT)")
+    p.add_argument("--bundle", help="bundle folder (default: the repository's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any bundle config override, e.g. --set batch_size=4 (repeatable)")
+    p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("overview", help="PNG of a prepared case with its tumour outline")
     p.add_argument("prepared", help="folder written by prepare")
