@@ -23,6 +23,8 @@ demo: install
 	$(BIN)/monai-mask prepare --images sample_data/ct/imagesTr --labels sample_data/ct/labelsTr \
 		--out $(DEMO)/prepared --folds 2
 	$(BIN)/monai-mask overview $(DEMO)/prepared --out $(DEMO)/overview.png
+	$(BIN)/monai-mask pretrain --prepared $(DEMO)/prepared --out $(DEMO)/pretrain --epochs 10 \
+		--backbone vit --masking lesion_aware --prior intensity --set preview_interval=10
 	@echo "demo outputs in $(DEMO)/"
 
 test: install
