@@ -24,7 +24,7 @@ def _prepare(args: argparse.Namespace) -> None:
     result = prepare_dataset(args.images, args.out, labels=args.labels, folds=args.folds,
                              skip_bad=args.skip_bad, convert_dicom=args.convert_dicom,
                              modality=args.modality, pseudonym_map=args.pseudonym_map,
-                             seed=args.seed)
+                             seed=args.seed, holdout=args.holdout)
     print(summary_table(result))
 
 
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample_data)
 
     p = sub.add_parser("prepare", help="scan DICOM/NIfTI/NRRD/MHA -> datalist, fingerprint, plan")
-    p.add_argument("--images", required=True, help="folder of images and/or DICOM series")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="folder(s) of images and/or DICOM series")
     p.add_argument("--labels", help="folder of label maps named like the images")
     p.add_argument("--out", required=True)
     p.add_argument("--folds", type=int, default=5)
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("auto", "ct", "mr"), default="auto")
     p.add_argument("--pseudonym-map", action="store_true",
                    help="also write pseudonym_map.csv (pseudonym -> PatientID)")
+    p.add_argument("--holdout", help="file of case ids kept out (datalist 'test' list)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare)
 

@@ -9,9 +9,11 @@ nothing is written. Converted DICOM series go to ``OUT/images`` under their pseu
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -104,8 +106,35 @@ def _write_pseudonym_map(sources, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _discover(images) -> list:
+    """Sources of one or several image folders; case ids must be unique across them."""
+    from monai_mask.data.discovery import discover_images
+
+    roots = [images] if isinstance(images, str | Path) else list(images)
+    sources, seen = [], {}
+    for root in roots:
+        for src in discover_images(root):
+            if src.case_id in seen:
+                raise InputError(src.path,
+                                 f"case id {src.case_id} also found in {seen[src.case_id]}")
+            seen[src.case_id] = root
+            sources.append(src)
+    return sources
+
+
+def read_holdout(path: str | Path) -> set[str]:
+    """Case ids from a hold-out file: a JSON list, or one id per line (``#`` comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "hold-out file not found")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        return {str(c) for c in json.loads(text)}
+    return {line.split("#")[0].strip() for line in text.splitlines()} - {""}
+
+
 def prepare_dataset(
-    images: str | Path,
+    images: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     labels: str | Path | None = None,
     folds: int = 5,
@@ -115,11 +144,13 @@ def prepare_dataset(
     pseudonym_map: bool = False,
     seed: int = 0,
     progress: bool = True,
+    holdout: str | Path | None = None,
 ) -> PrepareResult:
     """Scan ``images`` (and ``labels``) and write datalist, fingerprint and plan to ``out_dir``.
 
     Args:
-        images: folder of NIfTI/NRRD/MHA/MHD files and/or DICOM series (searched recursively).
+        images: folder(s) of NIfTI/NRRD/MHA/MHD files and/or DICOM series (searched
+            recursively); case ids must be unique across folders.
         out_dir: output folder (created).
         labels: optional folder of label maps named like the images.
         folds: patient-grouped folds in the datalist.
@@ -129,12 +160,19 @@ def prepare_dataset(
         pseudonym_map: also write ``pseudonym_map.csv`` (pseudonym -> PatientID); off by default.
         seed: seed of fold assignment and intensity sampling.
         progress: show a progress bar.
+        holdout: file of case ids kept out of training: they go to the datalist's ``test``
+            list (labels kept), get no fold, and do not enter the fingerprint or plan.
     """
-    from monai_mask.data.discovery import discover_images, pair_labels
+    from monai_mask.data.discovery import pair_labels
 
     modality = look_up_option(modality, MODALITIES)
     out = Path(out_dir)
-    sources = discover_images(images)
+    sources = _discover(images)
+    held = read_holdout(holdout) if holdout else set()
+    unknown = held - {s.case_id for s in sources}
+    if unknown:
+        raise InputError(holdout, f"{len(unknown)} hold-out case ids not found, e.g. "
+                                  f"{sorted(unknown)[0]}")
     label_of = pair_labels(sources, labels) if labels is not None else {}
     staging = out / f".staging-{os.getpid()}"
     folders = Counter(str(s.path) for s in sources if s.kind == "dicom")
@@ -154,7 +192,7 @@ def prepare_dataset(
             fps.append(fp)
         if not entries:
             raise InputError(images, "no usable image (all cases were skipped)")
-        result = _write_outputs(out, staging, entries, fps, folds, seed, skipped)
+        result = _write_outputs(out, staging, entries, fps, folds, seed, skipped, held)
         if pseudonym_map:
             result.pseudonym_map = out / "pseudonym_map.csv"
             _write_pseudonym_map(sources, result.pseudonym_map)
@@ -163,7 +201,7 @@ def prepare_dataset(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_outputs(out, staging, entries, fps, folds, seed, skipped) -> PrepareResult:
+def _write_outputs(out, staging, entries, fps, folds, seed, skipped, held) -> PrepareResult:
     out.mkdir(parents=True, exist_ok=True)
     staged = staging / "images"
     if staged.exists():
@@ -173,11 +211,19 @@ def _write_outputs(out, staging, entries, fps, folds, seed, skipped) -> PrepareR
         for e in entries:
             if e.get("converted_from_dicom"):
                 e["image"] = str(out / "images" / Path(e["image"]).name)
-    fingerprint = dataset_fingerprint(fps)
+    train = [e for e in entries if e["case_id"] not in held]
+    test = [e for e in entries if e["case_id"] in held]
+    if not train:
+        raise InputError(out, "every case is in the hold-out list; nothing left to train on")
+    fingerprint = dataset_fingerprint([fp for fp in fps if fp.case_id not in held])
     plan = make_plan(fingerprint)
     labels = _label_names(fps)
-    datalist = build_datalist(entries, out, folds=folds, seed=seed, modality=plan["modality"],
+    datalist = build_datalist(train, out, folds=folds, seed=seed, modality=plan["modality"],
                               labels=labels)
+    if test:
+        held_list = build_datalist(test, out, folds=1, seed=seed)["training"]
+        datalist["test"] = [{k: v for k, v in e.items() if k != "fold"} for e in held_list]
+        datalist["numTest"] = len(test)
     datalist["box_mode"], datalist["box_space"], datalist["box_units"] = "cccwhd", "LPS", "mm"
     datalist["skipped"] = skipped
     return PrepareResult(

@@ -227,3 +227,32 @@ def test_truncated_gzip_really_is_truncated(tmp_path):
     _make_bad(tmp_path, "truncated")
     with pytest.raises((EOFError, OSError)):
         gzip.decompress((tmp_path / "images" / "truncated.nii.gz").read_bytes())
+
+
+def test_holdout_and_several_image_folders(tmp_path, capsys):
+    for i in range(4):
+        _case(tmp_path / "a", f"case_{i:03d}", seed=i)
+    _case(tmp_path / "b", "extra_000", label=False, seed=9)
+    (tmp_path / "holdout.txt").write_text("# test split\ncase_001\ncase_003\n")
+    code, _ = _run(capsys, "--images", tmp_path / "a" / "images", tmp_path / "b" / "images",
+                   "--labels", tmp_path / "a" / "labels", "--out", tmp_path / "out",
+                   "--holdout", tmp_path / "holdout.txt", "--folds", "2")
+    assert code == 0
+    dl = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    assert sorted(d["case_id"] for d in dl["training"]) == ["case_000", "case_002", "extra_000"]
+    assert sorted(d["case_id"] for d in dl["test"]) == ["case_001", "case_003"]
+    assert all("label" in d and "fold" not in d for d in dl["test"])
+    fp = json.loads((tmp_path / "out" / "fingerprint.json").read_text())
+    assert fp["n_cases"] == 3  # held-out cases stay out of the fingerprint and plan
+
+
+def test_holdout_unknown_case_and_duplicate_ids(tmp_path, capsys):
+    _case(tmp_path / "a", "case_000")
+    _case(tmp_path / "b", "case_000")
+    (tmp_path / "h.txt").write_text("nope_123\n")
+    code, err = _run(capsys, "--images", tmp_path / "a" / "images", "--out", tmp_path / "o",
+                     "--holdout", tmp_path / "h.txt")
+    _assert_clean_failure(code, err, tmp_path / "o", "h.txt", "not found")
+    code, err = _run(capsys, "--images", tmp_path / "a" / "images", tmp_path / "b" / "images",
+                     "--out", tmp_path / "o")
+    _assert_clean_failure(code, err, tmp_path / "o", "case_000", "also found")
