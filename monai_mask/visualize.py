@@ -8,7 +8,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["case_slices", "overview_png"]
+__all__ = ["case_slices", "overview_png", "mae_preview_png", "save_figure"]
+
+
+def save_figure(fig, out_png: str | Path, dpi: int = 90) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
 
 
 def case_slices(image: np.ndarray, label: np.ndarray | None, center: tuple[int, int, int]):
@@ -101,14 +115,7 @@ def overview_png(prepared_dir: str | Path, out_png: str | Path, case_id: str | N
     axes[3].axis("off")
     axes[3].text(0.0, 1.0, _summary_text(fingerprint, plan), va="top", family="monospace",
                  fontsize=8.5, transform=axes[3].transAxes)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)
 
 
 def mae_preview_png(image: np.ndarray, mask_grid: np.ndarray, recon: np.ndarray,
@@ -142,11 +149,4 @@ def mae_preview_png(image: np.ndarray, mask_grid: np.ndarray, recon: np.ndarray,
             ax.set_title(f"{name} ({'axial' if row == 0 else 'coronal'})", fontsize=9)
             ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
+    return save_figure(fig, out_png, dpi=80)
