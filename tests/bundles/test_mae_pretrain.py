@@ -135,3 +135,14 @@ def test_anomaly_maps_align_and_score_tumours(tmp_path):
                           np.concatenate([n.ravel() for n in normal]))
     print(f"anomaly AUROC tumour vs normal soft tissue: {auroc:.3f}")
     assert auroc > 0.5
+
+
+def test_seeded_runs_are_identical(tmp_path):
+    """Same seed: same masks, data order and loss curve (self-guided prior included)."""
+    settings = {"max_epochs": 2, "mask_mode": "lesion_aware", "prior_source": "self"}
+    for name in ("a", "b"):
+        run_bundle("mae_pretrain", ["train.json"], _outputs(tmp_path / name, **settings))
+    a = read_loss_csv(tmp_path / "a" / "loss.csv")
+    assert a == read_loss_csv(tmp_path / "b" / "loss.csv")
+    run_bundle("mae_pretrain", ["train.json"], _outputs(tmp_path / "c", seed=1, **settings))
+    assert [r[2] for r in read_loss_csv(tmp_path / "c" / "loss.csv")] != [r[2] for r in a]
