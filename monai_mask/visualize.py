@@ -8,7 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["case_slices", "overview_png", "mae_preview_png", "save_figure"]
+__all__ = ["case_slices", "overview_png", "mae_preview_png", "save_figure",
+           "segmentation_overlay_png"]
 
 
 def save_figure(fig, out_png: str | Path, dpi: int = 90) -> Path:
@@ -150,3 +151,44 @@ def mae_preview_png(image: np.ndarray, mask_grid: np.ndarray, recon: np.ndarray,
             ax.axis("off")
     fig.suptitle(title)
     return save_figure(fig, out_png, dpi=80)
+
+
+def segmentation_overlay_png(image_path: str | Path, label_path: str | Path,
+                             out_png: str | Path, title: str = "") -> Path:
+    """Axial, coronal and sagittal slices of an image with a label's outline, as one PNG.
+
+    Both are read with ``monai_mask.io.readers.read_image`` (NIfTI, NRRD, MHA or a DICOM series
+    folder) and shown in the closest canonical (RAS) orientation, through the centre of the
+    largest labelled component (the image centre when the label is empty).
+
+    Args:
+        image_path: the segmented image.
+        label_path: its label map on the same grid (e.g. ``{case}_seg.nii.gz``).
+        out_png: PNG path, written atomically.
+        title: figure title (default: the label file name).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from monai_mask.io.readers import read_image
+
+    canon = [nib.as_closest_canonical(nib.Nifti1Image(v.array.astype(np.float32), v.affine))
+             for v in (read_image(image_path), read_image(label_path))]
+    image, label = (np.asanyarray(c.dataobj) for c in canon)
+    center = _largest_lesion_center(label) if label.any() else np.array(image.shape) // 2
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    sx, sy, sz = canon[0].header.get_zooms()[:3]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    views = zip(axes, case_slices(image, label, tuple(int(c) for c in center)),
+                ("axial", "coronal", "sagittal"), (sy / sx, sz / sx, sz / sy), strict=True)
+    for ax, (sl, lab), name, aspect in views:
+        ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest", aspect=aspect)
+        if lab.any():
+            ax.contour(lab > 0, levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title or Path(label_path).name)
+    fig.tight_layout()
+    return save_figure(fig, out_png)

@@ -57,6 +57,54 @@ def _pretrain(args: argparse.Namespace) -> None:
         raise SystemExit(code)
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
+    from monai_mask.engines.handlers import latest_checkpoint
+
+    prepared = check_prepared(args.prepared).resolve()
+    bundle = find_bundle("tumor_segmentation", args.bundle)
+    out = Path(args.out).resolve()
+    resume = latest_checkpoint(out / "models") if args.resume == "auto" else (args.resume or "")
+    pretrained = str(Path(args.pretrained).resolve()) if args.pretrained else ""
+    overrides = {"dataset_dir": str(prepared), "output_dir": str(out),
+                 "ckpt_dir": str(out / "models"), "backbone": args.backbone,
+                 "pretrained_ckpt": pretrained, "label_fraction": args.label_fraction,
+                 "max_epochs": args.epochs, "resume_from": resume, "seed": args.seed}
+    overrides.update(dict(_key_value(kv) for kv in args.set))
+    configs = ["train.json"] + (["multi_gpu_train.json"] if args.nproc > 1 else [])
+    code = run_bundle(bundle_command(bundle, configs, overrides, args.nproc, args.tracking))
+    if code:
+        raise SystemExit(code)
+
+
+def _segment(args: argparse.Namespace) -> None:
+    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
+    from monai_mask.engines.segment_io import label_nifti_path, parse_formats
+    from monai_mask.errors import ConfigError, InputError
+
+    prepared = check_prepared(args.prepared).resolve()
+    bundle = find_bundle("tumor_segmentation", args.bundle)
+    source, model, out = Path(args.input), Path(args.model), Path(args.out).resolve()
+    for path in (source, model):
+        if not path.exists():
+            raise InputError(path, "no such file or folder")
+    formats = parse_formats(args.formats)
+    if args.overlay and "nifti" not in formats:
+        raise ConfigError("--overlay needs 'nifti' in --formats")
+    overrides = {"dataset_dir": str(prepared), "input_path": str(source.resolve()),
+                 "ckpt_path": str(model.resolve()), "output_dir": str(out),
+                 "backbone": args.backbone, "formats": formats}
+    overrides.update(dict(_key_value(kv) for kv in args.set))
+    code = run_bundle(bundle_command(bundle, ["inference.json"], overrides))
+    if code:
+        raise SystemExit(code)
+    if args.overlay:
+        from monai_mask.visualize import segmentation_overlay_png
+
+        label = label_nifti_path(source, out)
+        print(f"wrote {segmentation_overlay_png(source, label, args.overlay)}")
+
+
 def _key_value(text: str) -> tuple[str, object]:
     import json
 
@@ -123,6 +171,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file")
     p.add_argument("--case", help="case id (default: the largest tumour)")
     p.set_defaults(func=_overview)
+
+    p = sub.add_parser("finetune", help="tumour segmentation with bundles/tumor_segmentation")
+    p.add_argument("--prepared", required=True, help="folder written by prepare (with labels)")
+    p.add_argument("--out", required=True, help="run folder (models/, loss.csv, tensorboard/)")
+    p.add_argument("--pretrained", help="MAE checkpoint (pretrain's models/model.pt); "
+                   "default: from scratch")
+    p.add_argument("--backbone", choices=("vit", "cnn"), default="vit")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="fraction of the labelled training cases used (default 1)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, torchrun")
+    p.add_argument("--tracking", choices=("mlflow",), help="experiment tracking")
+    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (latest in OUT)")
+    p.add_argument("--bundle", help="bundle folder (default: the repository's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any bundle config override, e.g. --set batch_size=4 (repeatable)")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("segment", help="segment tumours: NIfTI, .seg.nrrd, DICOM-SEG (+ PNG)")
+    p.add_argument("--input", required=True, help="image file, DICOM series folder, or folder")
+    p.add_argument("--model", required=True, help="fine-tuned model (finetune's models/model.pt)")
+    p.add_argument("--prepared", required=True, help="folder of the plan the model was trained on")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--formats", default="nifti,seg.nrrd,dicom-seg",
+                   help="comma-separated: nifti, seg.nrrd, dicom-seg (DICOM inputs only)")
+    p.add_argument("--backbone", choices=("vit", "cnn"), default="vit")
+    p.add_argument("--overlay", help="also write a PNG overlay of the segmentation here")
+    p.add_argument("--bundle", help="bundle folder (default: the repository's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any bundle config override, e.g. --set sw_overlap=0.25 (repeatable)")
+    p.set_defaults(func=_segment)
     return parser
 
 
