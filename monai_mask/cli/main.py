@@ -105,6 +105,26 @@ def _segment(args: argparse.Namespace) -> None:
         print(f"wrote {segmentation_overlay_png(source, label, args.overlay)}")
 
 
+def _detect(args: argparse.Namespace) -> None:
+    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
+    from monai_mask.errors import InputError
+
+    prepared = check_prepared(args.prepared).resolve()
+    bundle = find_bundle("tumor_detection", args.bundle)
+    source, model, out = Path(args.input), Path(args.model), Path(args.out).resolve()
+    for path in (source, model):
+        if not path.exists():
+            raise InputError(path, "no such file or folder")
+    overrides = {"dataset_dir": str(prepared), "input_path": str(source.resolve()),
+                 "ckpt_path": str(model.resolve()), "output_dir": str(out),
+                 "backbone": args.backbone, "min_score": args.min_score}
+    overrides.update(dict(_key_value(kv) for kv in args.set))
+    code = run_bundle(bundle_command(bundle, ["inference.json"], overrides))
+    if code:
+        raise SystemExit(code)
+    print(f"wrote <case>_boxes.json and <case>.mrk.json (LPS mm) in {out}")
+
+
 def _key_value(text: str) -> tuple[str, object]:
     import json
 
@@ -203,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any bundle config override, e.g. --set sw_overlap=0.25 (repeatable)")
     p.set_defaults(func=_segment)
+
+    p = sub.add_parser("detect", help="detect tumours: boxes JSON + Slicer markups (.mrk.json)")
+    p.add_argument("--input", required=True, help="image file or folder of images")
+    p.add_argument("--model", required=True,
+                   help="trained detector (tumor_detection train's models/model.pt)")
+    p.add_argument("--prepared", required=True, help="folder of the plan the model was trained on")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--backbone", choices=("cnn", "vit"), default="cnn")
+    p.add_argument("--min-score", type=float, default=0.05, help="drop boxes scoring below")
+    p.add_argument("--bundle", help="bundle folder (default: the repository's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any bundle config override, e.g. --set sw_overlap=0.5 (repeatable)")
+    p.set_defaults(func=_detect)
     return parser
 
 

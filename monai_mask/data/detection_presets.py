@@ -1,0 +1,84 @@
+"""MONAI transform chains for box detection, built from ``plan.json``.
+
+Boxes enter as the datalist has them (``box``: ``cccwhd`` in **LPS** world mm, ``box_label``)
+and are mapped to voxel ``xyzxyz`` coordinates of the *preprocessed* image (after the plan's
+reorientation and resampling) by MONAI's ``AffineBoxToImageCoordinated`` with
+``affine_lps_to_ras=True``, using that image's ``MetaTensor`` affine. The evaluation chain keeps
+the untouched world boxes under ``box_world`` so that metrics are computed in world mm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from monai.apps.detection.transforms.dictionary import (
+    AffineBoxToImageCoordinated,
+    ConvertBoxToStandardModed,
+    RandCropBoxByPosNegLabeld,
+    RandFlipBoxd,
+    StandardizeEmptyBoxd,
+)
+from monai.transforms import Compose, CopyItemsd, EnsureTyped, SelectItemsd
+
+from monai_mask.data.presets import load_plan, load_transforms
+
+__all__ = ["detection_transforms"]
+
+
+def _box_chain(box_key: str, label_key: str, keep_world: bool) -> list:
+    chain = [
+        EnsureTyped(box_key, dtype=torch.float32, track_meta=False),
+        EnsureTyped(label_key, dtype=torch.long, track_meta=False),
+        StandardizeEmptyBoxd(box_key, box_ref_image_keys="image"),
+    ]
+    if keep_world:
+        chain.append(CopyItemsd(box_key, names="box_world"))
+    return chain + [
+        ConvertBoxToStandardModed(box_key, mode="cccwhd"),
+        AffineBoxToImageCoordinated(box_key, box_ref_image_keys="image", affine_lps_to_ras=True),
+    ]
+
+
+def detection_transforms(
+    plan: str | Path | Mapping,
+    mode: str = "train",
+    roi_size: Sequence[int] = (48, 48, 32),
+    num_samples: int = 2,
+    box_key: str = "box",
+    label_key: str = "box_label",
+    flip_prob: float = 0.5,
+) -> Compose:
+    """Detection pipeline: the plan's load chain, boxes to voxels, crops and flips.
+
+    Args:
+        plan: ``plan.json`` path or dict.
+        mode: ``"train"`` (``num_samples`` random crops of ``roi_size`` per case, half centred
+            on a box when the case has one; random flips of image and boxes), ``"eval"`` (whole
+            image, boxes in voxels plus ``box_world``) or ``"infer"`` (image only).
+        roi_size: training crop size (voxels of the preprocessed image).
+        num_samples: crops per loaded case.
+        box_key, label_key: datalist keys of the boxes (cccwhd LPS mm) and their labels.
+        flip_prob: probability of a flip along each axis (train).
+    """
+    from monai.utils import look_up_option
+
+    mode = look_up_option(mode, ("train", "eval", "infer"))
+    chain = load_transforms(load_plan(plan), ("image",))
+    if mode == "infer":
+        return Compose([*chain, SelectItemsd(["image", "case_id"], allow_missing_keys=True)])
+    chain += _box_chain(box_key, label_key, keep_world=mode == "eval")
+    if mode == "eval":
+        keys = ["image", box_key, label_key, "box_world", "case_id"]
+        return Compose([*chain, SelectItemsd(keys, allow_missing_keys=True)])
+    chain.append(RandCropBoxByPosNegLabeld(
+        "image", box_keys=box_key, label_keys=label_key, spatial_size=list(roi_size),
+        whole_box=True, num_samples=num_samples, pos=1, neg=1, allow_smaller=True,
+    ))  # fmt: skip
+    for axis in range(len(roi_size)):
+        chain.append(RandFlipBoxd("image", box_key, box_ref_image_keys="image", prob=flip_prob,
+                                  spatial_axis=axis))  # fmt: skip
+    chain.append(EnsureTyped("image", track_meta=False))
+    chain.append(SelectItemsd(["image", box_key, label_key]))
+    return Compose(chain)

@@ -1,0 +1,60 @@
+"""Baseline detector: segmentation probabilities -> scored boxes by connected components.
+
+The foreground probability map of a segmentation model is thresholded, split into connected
+components, and each component becomes one box (the world bounding box of its voxels, in the
+convention of :func:`monai_mask.data.boxes.boxes_from_label`) scored by the maximum or mean
+probability inside it. The boxes are evaluated exactly as the detector's
+(:func:`monai_mask.engines.detection_metrics.evaluate_detections`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from monai.utils import look_up_option
+from scipy import ndimage
+
+from monai_mask.data.boxes import boxes_from_label
+
+__all__ = ["prob_to_boxes"]
+
+
+def prob_to_boxes(
+    prob: np.ndarray, affine_ras: np.ndarray, threshold: float = 0.5,
+    score: Literal["max", "mean"] = "max", min_voxels: int = 1, connectivity: int = 3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Scored world boxes from a foreground probability map.
+
+    Args:
+        prob: ``(X, Y, Z)`` foreground probabilities in [0, 1] (e.g. softmax channel 1).
+        affine_ras: ``(4, 4)`` nibabel (RAS) affine of ``prob``.
+        threshold: voxels with ``prob >= threshold`` form the components.
+        score: ``"max"`` or ``"mean"`` probability over the component's voxels.
+        min_voxels: smaller components are dropped.
+        connectivity: 1 (faces), 2 (edges) or 3 (corners).
+
+    Returns:
+        ``(boxes (N, 6) cccwhd LPS mm, scores (N,), labels (N,) all 0)``, by decreasing score.
+    """
+    score = look_up_option(score, ("max", "mean"))
+    prob = np.asarray(prob, dtype=np.float64)
+    if prob.ndim != 3:
+        raise ValueError(f"prob must be (X, Y, Z), got shape {prob.shape}")
+    structure = ndimage.generate_binary_structure(3, connectivity)
+    comps, n = ndimage.label(prob >= threshold, structure=structure)
+    if n == 0:
+        return np.zeros((0, 6)), np.zeros(0), np.zeros(0, dtype=np.int64)
+    index = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones_like(prob), comps, index)
+    reduce = ndimage.maximum if score == "max" else ndimage.mean
+    scores = np.asarray(reduce(prob, comps, index), dtype=np.float64)
+    keep = index[sizes >= min_voxels]
+    relabelled = np.zeros_like(comps)
+    for new, old in enumerate(keep, start=1):
+        relabelled[comps == old] = new
+    # one "class" per kept component: boxes_from_label returns them in label-value order
+    boxes, _, _ = boxes_from_label(relabelled, affine_ras, connectivity=3)
+    scores = scores[keep - 1]
+    order = np.argsort(-scores, kind="stable")
+    return boxes[order], scores[order], np.zeros(len(order), dtype=np.int64)

@@ -1,0 +1,317 @@
+"""RetinaNet tumour detectors on a pretrained MAE encoder, built in one factory.
+
+* ``backbone="cnn"``: the residual encoder of :class:`~monai_mask.networks.cnn_mae.SparkMAE3D`
+  (DynUNet names ``input_block``, ``downsamples.*``, ``bottleneck``) with a feature pyramid
+  (MONAI ``FeaturePyramidNetwork``, Lin et al., CVPR 2017) over the stages from ``fpn_stages``
+  on; with the tiny encoder (strides 1, 2, 2, 2, 2) the default levels have strides 4, 8, 16.
+* ``backbone="vit"``: MONAI ``ViT`` (the encoder of
+  :class:`~monai_mask.networks.vit_mae.MaskedAutoencoderViT3D`) with a simple feature pyramid
+  (ViTDet, Li et al., ECCV 2022): the last feature map at stride ``p`` is upsampled by
+  transposed convolutions to ``p/2`` (and ``p/4`` for ``p >= 8``) and pooled to ``2p``.
+
+:func:`build_detector` returns a MONAI ``RetinaNetDetector`` (Lin et al., Focal Loss for Dense
+Object Detection, ICCV 2017) with every training and inference component set: anchors
+(``AnchorGeneratorWithAnchorShape``), ATSS matching (Zhang et al., CVPR 2020), hard-negative
+sampling, the box selector and the sliding-window inferer. Boxes in and out of the detector are
+``xyzxyz`` in voxel coordinates of the network input (voxel ``i`` centred at ``i``).
+
+Example:
+    >>> det = build_detector("cnn", img_size=(48, 48, 32), pretrained_ckpt="mae/model.pt")
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.networks.retinanet_network import RetinaNet
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
+from monai.networks.nets import ViT
+from monai.utils import ensure_tuple_rep, look_up_option
+
+from monai_mask.errors import ConfigError
+from monai_mask.networks.cnn_mae import ResidualEncoder
+
+__all__ = ["ATSSRetinaNetDetector", "CNNFPNBackbone", "ViTSimpleFPN", "build_detector",
+           "load_pretrained_detector", "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
+
+BACKBONES = ("cnn", "vit")
+#: detector keys a pretrained MAE does not provide (pyramid and heads), allowed to stay missing.
+DETECTOR_HEAD_PATTERNS = (
+    "network.feature_extractor.fpn.*",
+    "network.feature_extractor.pyramid.*",
+    "network.classification_head.*",
+    "network.regression_head.*",
+)
+_ENCODER = "network.feature_extractor.encoder."
+_VIT = "network.feature_extractor.vit."
+_CNN_MAE_DROPPED = ("mask_tokens", "densify_proj.", "decoder_up.", "decoder_blocks.",
+                    "decoder_pred.")  # fmt: skip
+_CNN_DEFAULTS = {"filters": (8, 16, 32, 64, 64), "strides": (1, 2, 2, 2, 2), "kernel_size": 3,
+                 "fpn_stages": 2}  # fmt: skip
+_VIT_DEFAULTS = {"patch_size": 8, "hidden_size": 96, "num_layers": 2, "num_heads": 3,
+                 "mlp_dim": 192, "qkv_bias": False}  # fmt: skip
+
+
+class CNNFPNBackbone(nn.Module):
+    """Residual CNN encoder + FPN; outputs ``[P_s, ..., P_last]`` finest first, ``out_channels``.
+
+    Args:
+        in_channels: image channels.
+        filters, kernel_size, strides: the encoder (as in ``SparkMAE3D`` / DynUNet).
+        fpn_stages: index of the first encoder stage fed to the FPN; every later stage is used
+            too (so every parameter receives gradients, as DDP requires).
+        out_channels: FPN width.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, in_channels: int, filters: Sequence[int], kernel_size: Any,
+                 strides: Sequence[Any], fpn_stages: int = 2, out_channels: int = 32,
+                 spatial_dims: int = 3) -> None:  # fmt: skip
+        super().__init__()
+        kernels = [kernel_size] * len(strides) if isinstance(kernel_size, int) else kernel_size
+        self.encoder = ResidualEncoder(spatial_dims, in_channels, filters, kernels, strides)
+        if not 0 <= fpn_stages < len(strides):
+            raise ConfigError(f"fpn_stages must be in [0, {len(strides)}), got {fpn_stages}")
+        self.first = fpn_stages
+        stride_nd = [ensure_tuple_rep(s, spatial_dims) for s in strides]
+        self.level_strides = []
+        for i in range(fpn_stages, len(strides)):
+            self.level_strides.append(
+                tuple(int(torch.tensor([s[d] for s in stride_nd[: i + 1]]).prod())
+                      for d in range(spatial_dims)))  # fmt: skip
+        chans = list(filters)[fpn_stages: len(strides)]
+        self.fpn = FeaturePyramidNetwork(spatial_dims, chans, out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, *S)`` -> FPN maps ``(B, out_channels, *S / stride_l)``, finest first."""
+        feats = self.encoder(x)[self.first:]
+        out = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+        return list(out.values())
+
+
+class ViTSimpleFPN(nn.Module):
+    """MONAI ``ViT`` + simple feature pyramid from its last feature map (ViTDet style).
+
+    Levels, finest first: ``p/4`` (if ``p >= 8``), ``p/2``, ``p`` and ``2p`` for patch size
+    ``p``; each a 3x3 conv to ``out_channels`` after the rescaling.
+
+    Args:
+        in_channels, img_size, patch_size, hidden_size, num_layers, num_heads, mlp_dim,
+            qkv_bias: the ViT (as the pretrained MAE).
+        out_channels: pyramid width.
+        spatial_dims: 3.
+    """
+
+    def __init__(self, in_channels: int, img_size: Sequence[int], patch_size: int,
+                 hidden_size: int, num_layers: int, num_heads: int, mlp_dim: int,
+                 qkv_bias: bool = False, out_channels: int = 32, spatial_dims: int = 3) -> None:
+        super().__init__()
+        p = int(patch_size)
+        if p < 4 or p & (p - 1):
+            raise ConfigError(f"ViT detector needs a power-of-two patch size >= 4, got {p}")
+        self.vit = ViT(in_channels, img_size, p, hidden_size, mlp_dim, num_layers, num_heads,
+                       proj_type="conv", classification=False, spatial_dims=spatial_dims,
+                       qkv_bias=qkv_bias)  # fmt: skip
+        self.grid = tuple(s // p for s in ensure_tuple_rep(img_size, spatial_dims))
+        up = [4, 2] if p >= 8 else [2]
+        self.level_strides = [(p // u,) * spatial_dims for u in up] + [(p,) * spatial_dims,
+                                                                       (2 * p,) * spatial_dims]
+        self.pyramid = nn.ModuleList([self._level(hidden_size, out_channels, f)
+                                      for f in [*up, 1, -2]])  # fmt: skip
+        self.out_channels = out_channels
+
+    @staticmethod
+    def _level(hidden: int, out: int, factor: int) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        c = hidden
+        while factor > 1:  # transposed convs, x2 each, halving channels
+            layers += [nn.ConvTranspose3d(c, c // 2, 2, stride=2), nn.GroupNorm(1, c // 2),
+                       nn.GELU()]  # fmt: skip
+            c, factor = c // 2, factor // 2
+        if factor == -2:
+            layers.append(nn.MaxPool3d(2))
+        layers += [nn.Conv3d(c, out, 1), nn.Conv3d(out, out, 3, padding=1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, *img_size)`` -> maps at the ``level_strides``, finest first."""
+        tokens, _ = self.vit(x)
+        fmap = tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], *self.grid)
+        return [level(fmap) for level in self.pyramid]
+
+
+class ATSSRetinaNetDetector(RetinaNetDetector):
+    """MONAI ``RetinaNetDetector`` whose matching step needs no torchvision.
+
+    MONAI's ``compute_anchor_matched_idxs`` first tests ``isinstance(matcher, torchvision
+    Matcher)``, which raises when torchvision is absent (it is not a dependency here). This
+    override runs the same code path for the ATSS matcher that :func:`build_detector` sets.
+    """
+
+    def compute_anchor_matched_idxs(self, anchors: list[torch.Tensor],
+                                    targets: list[dict[str, torch.Tensor]],
+                                    num_anchor_locs_per_level: Sequence[int]) -> list[torch.Tensor]:
+        """Matched GT index per anchor per image (``-1``: background), ATSS only."""
+        out = []
+        for anchors_i, targets_i in zip(anchors, targets, strict=True):
+            gt = targets_i[self.target_box_key].to(anchors_i.device)
+            if gt.numel() == 0:
+                out.append(torch.full((anchors_i.size(0),), -1, dtype=torch.int64,
+                                      device=anchors_i.device))  # fmt: skip
+                continue
+            _, matched = self.proposal_matcher(gt, anchors_i, num_anchor_locs_per_level,
+                                               self.num_anchors_per_loc)  # fmt: skip
+            out.append(matched)
+        return out
+
+
+def _anchor_generator(level_strides: Sequence[Sequence[int]],
+                      base_anchor_shapes: Sequence[Sequence[float]]) -> nn.Module:
+    """Anchors ``base_anchor_shapes`` (voxels) on the finest level, scaled x2 per level."""
+    finest = level_strides[0]
+    scales = [int(round(s[0] / finest[0])) for s in level_strides]
+    return AnchorGeneratorWithAnchorShape(feature_map_scales=scales,
+                                          base_anchor_shapes=[list(a) for a in base_anchor_shapes])
+
+
+def _feature_extractor(backbone: str, in_channels: int, img_size: Sequence[int],
+                       fpn_channels: int, arch: Mapping[str, Any]) -> nn.Module:
+    defaults = _CNN_DEFAULTS if backbone == "cnn" else _VIT_DEFAULTS
+    unknown = sorted(set(arch) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown {backbone} detector settings: {', '.join(unknown)}")
+    a = {**defaults, **arch}
+    if backbone == "cnn":
+        return CNNFPNBackbone(in_channels, a["filters"], a["kernel_size"], a["strides"],
+                              a["fpn_stages"], fpn_channels)  # fmt: skip
+    return ViTSimpleFPN(in_channels, img_size, a["patch_size"], a["hidden_size"],
+                        a["num_layers"], a["num_heads"], a["mlp_dim"], a["qkv_bias"],
+                        fpn_channels)  # fmt: skip
+
+
+def _sw_roi(backbone: str, sw_roi_size: Sequence[int] | None, img_size: tuple[int, ...],
+            coarsest: Sequence[int]) -> tuple[int, ...]:
+    sw_roi = tuple(ensure_tuple_rep(sw_roi_size, len(img_size))) if sw_roi_size else img_size
+    if backbone == "vit" and sw_roi != img_size:
+        raise ConfigError(f"the ViT detector needs sw_roi_size == img_size {img_size}")
+    if any(s % c for s, c in zip(sw_roi, coarsest, strict=True)):
+        raise ConfigError(f"sw_roi_size {sw_roi} is not divisible by the stride {coarsest}")
+    return sw_roi
+
+
+def build_detector(
+    backbone: Literal["cnn", "vit"], *, img_size: Sequence[int], in_channels: int = 1,
+    num_classes: int = 1, spatial_dims: int = 3,
+    base_anchor_shapes: Sequence[Sequence[float]] = ((6, 6, 3), (10, 10, 5)),
+    fpn_channels: int = 32, atss_candidates: int = 4, hard_negative_batch: int = 64,
+    positive_fraction: float = 0.3, score_thresh: float = 0.02, nms_thresh: float = 0.22,
+    topk_candidates_per_level: int = 1000, detections_per_img: int = 100,
+    sw_overlap: float = 0.25, sw_batch_size: int = 1,
+    sw_roi_size: Sequence[int] | None = None, box_key: str = "box",
+    label_key: str = "box_label", pretrained_ckpt: str | os.PathLike | None = None,
+    **arch: Any,
+) -> RetinaNetDetector:  # fmt: skip
+    """A ready-to-train and ready-to-infer MONAI ``RetinaNetDetector``.
+
+    Args:
+        backbone: ``"cnn"`` (residual encoder + FPN) or ``"vit"`` (ViT + simple pyramid).
+        img_size: training crop and sliding-window size (voxels); for the ViT also the size its
+            position embeddings are built for. Must be divisible by the coarsest stride.
+        in_channels: image channels. num_classes: foreground classes (tumour = 1).
+        spatial_dims: 3 (2 only for the CNN).
+        base_anchor_shapes: anchor sizes (voxels) on the finest level; x2 per coarser level.
+        fpn_channels: pyramid width.
+        atss_candidates: ATSS candidates per level (``set_atss_matcher``; centres need not be in
+            the box, the right choice for small lesions).
+        hard_negative_batch, positive_fraction: ``set_hard_negative_sampler`` settings.
+        score_thresh, nms_thresh, topk_candidates_per_level, detections_per_img: box selector.
+        sw_overlap, sw_batch_size: sliding-window inference settings.
+        sw_roi_size: sliding-window size (default ``img_size``; the ViT needs ``img_size``, the
+            CNN takes any size divisible by its coarsest stride, larger windows are faster).
+        box_key, label_key: target keys of the training dicts (the datalist's ``box`` and
+            ``box_label``); predicted scores are under ``f"{label_key}_scores"``.
+        pretrained_ckpt: MAE checkpoint whose encoder is loaded strictly (see
+            :func:`load_pretrained_detector`); None or "" for a random initialisation.
+        **arch: cnn: ``filters``, ``strides``, ``kernel_size``, ``fpn_stages``; vit:
+            ``patch_size``, ``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim``,
+            ``qkv_bias``. Defaults match ``cnn_mae_resenc_tiny_s16_i32`` and
+            ``vit_mae_tiny_p8_i32``.
+
+    Raises:
+        ConfigError: unknown settings, sizes that do not divide.
+        CheckpointError: the pretrained encoder does not load fully.
+    """
+    backbone = look_up_option(backbone, BACKBONES)
+    img_size = tuple(int(s) for s in ensure_tuple_rep(img_size, spatial_dims))
+    extractor = _feature_extractor(backbone, in_channels, img_size, fpn_channels, arch)
+    coarsest = extractor.level_strides[-1]
+    if any(s % c for s, c in zip(img_size, coarsest, strict=True)):
+        raise ConfigError(f"img_size {img_size} is not divisible by the coarsest stride {coarsest}")
+    anchors = _anchor_generator(extractor.level_strides, base_anchor_shapes)
+    net = RetinaNet(spatial_dims, num_classes, anchors.num_anchors_per_location()[0], extractor,
+                    size_divisible=coarsest)  # fmt: skip
+    det = ATSSRetinaNetDetector(net, anchors, debug=False)
+    det.set_target_keys(box_key=box_key, label_key=label_key)
+    det.set_atss_matcher(num_candidates=atss_candidates, center_in_gt=False)
+    det.set_hard_negative_sampler(batch_size_per_image=hard_negative_batch,
+                                  positive_fraction=positive_fraction, pool_size=20, min_neg=16)
+    det.set_box_selector_parameters(score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                    topk_candidates_per_level=topk_candidates_per_level,
+                                    detections_per_img=detections_per_img)  # fmt: skip
+    sw_roi = _sw_roi(backbone, sw_roi_size, img_size, coarsest)
+    det.set_sliding_window_inferer(roi_size=sw_roi, sw_batch_size=sw_batch_size,
+                                   overlap=sw_overlap, mode="constant")  # fmt: skip
+    det.backbone = backbone
+    if pretrained_ckpt:
+        load_pretrained_detector(det, pretrained_ckpt, backbone)
+    return det
+
+
+def _cnn_mae_to_detector(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``SparkMAE3D`` keys -> detector encoder keys; pretraining-only keys dropped explicitly."""
+    from monai_mask.errors import CheckpointError
+
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("encoder."):
+            out[_ENCODER + key[len("encoder."):]] = value
+        elif not key.startswith(_CNN_MAE_DROPPED):
+            raise CheckpointError(None, f"unexpected key {key!r} in a CNN MAE state dict")
+    return out
+
+
+def load_pretrained_detector(
+    detector: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+    backbone: Literal["cnn", "vit"],
+) -> Any:  # fmt: skip
+    """Load a pretrained MAE encoder into a detector from :func:`build_detector`, strictly.
+
+    Every encoder tensor must load (``required_prefix``); only the pyramid and the heads
+    (``DETECTOR_HEAD_PATTERNS``) may stay missing; nothing unexpected may remain.
+
+    Returns:
+        the ``LoadReport`` of :func:`monai_mask.io.checkpoint.load_into`.
+
+    Raises:
+        CheckpointError: a missing, unexpected or mis-shaped encoder tensor.
+    """
+    from monai_mask.io import checkpoint as ckpt
+
+    backbone = look_up_option(backbone, BACKBONES)
+    path = None if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
+    raw = checkpoint if path is None else ckpt.load_checkpoint(path)
+    state = ckpt.strip_prefix(ckpt.extract_state_dict(raw, path=path), "module.")
+    if backbone == "cnn":
+        maps, prefix = [_cnn_mae_to_detector], _ENCODER
+    else:
+        maps, prefix = [ckpt.vit_mae_to_vit, lambda s: ckpt.add_prefix(s, _VIT)], _VIT
+    return ckpt.load_into(detector, state, key_map=maps, allow_missing=DETECTOR_HEAD_PATTERNS,
+                          allow_unexpected=(), required_prefix=prefix, path=path)  # fmt: skip
