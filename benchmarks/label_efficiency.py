@@ -104,10 +104,26 @@ def _mean_foreground_dice(summary: Path) -> float:
     return float(np.nanmean([stats["dice"]["mean"] for stats in data.values()]))
 
 
+def markdown_table(results: list[dict]) -> str:
+    """Mean Dice +- std over seeds: one row per method, one column per label fraction."""
+    fractions = sorted({r["fraction"] for r in results})
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    lines = ["| method | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
+             "|---|" + "---:|" * len(fractions)]
+    for m in methods:
+        cells = []
+        for f in fractions:
+            d = [r["dice"] for r in results if r["method"] == m and r["fraction"] == f]
+            cells.append(f"{np.mean(d):.4f} +- {np.std(d):.4f} (n={len(d)})" if d else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=("hippocampus", "synthetic"), required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", choices=("hippocampus", "synthetic"))
+    p.add_argument("--out")
+    p.add_argument("--report", help="print the markdown table of a results.json and exit")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -115,6 +131,11 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=300, help="fine-tuning budget per run")
     p.add_argument("--json", help="results file (default OUT/results.json)")
     args = p.parse_args()
+    if args.report:
+        print(markdown_table(json.loads(Path(args.report).read_text())["results"]))
+        return
+    if not (args.dataset and args.out):
+        p.error("--dataset and --out are required")
     out = Path(args.out)
     prepared = prepare(args.dataset, out)
     from monai_mask.data.datalist import load_datalist
