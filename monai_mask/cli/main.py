@@ -34,95 +34,88 @@ def _overview(args: argparse.Namespace) -> None:
     print(f"wrote {overview_png(args.prepared, args.out, case_id=args.case)}")
 
 
-def _pretrain(args: argparse.Namespace) -> None:
-    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
+def _training_run(args: argparse.Namespace, bundle_name: str) -> tuple[Path, dict]:
+    """Bundle folder and the overrides every training wrapper sets (data, outputs, resume)."""
+    from monai_mask.bundle_runner import check_prepared, find_bundle
     from monai_mask.engines.handlers import latest_checkpoint
 
     prepared = check_prepared(args.prepared).resolve()
-    bundle = find_bundle("mae_pretrain", args.bundle)
+    bundle = find_bundle(bundle_name, args.bundle)
     out = Path(args.out).resolve()
     resume = latest_checkpoint(out / "models") if args.resume == "auto" else (args.resume or "")
-    overrides = {"dataset_dir": str(prepared), "output_dir": str(out),
-                 "ckpt_dir": str(out / "models"), "backbone": args.backbone,
-                 "mask_mode": args.masking, "prior_source": args.prior,
-                 "max_epochs": args.epochs, "resume_from": resume, "seed": args.seed}
+    return bundle, {"dataset_dir": str(prepared), "output_dir": str(out),
+                    "ckpt_dir": str(out / "models"), "backbone": args.backbone,
+                    "max_epochs": args.epochs, "resume_from": resume, "seed": args.seed}
+
+
+def _inference_run(args: argparse.Namespace, bundle_name: str) -> tuple[Path, dict]:
+    """Bundle folder and the overrides every inference wrapper sets (input, model, outputs)."""
+    from monai_mask.bundle_runner import check_prepared, find_bundle
+    from monai_mask.errors import InputError
+
+    prepared = check_prepared(args.prepared).resolve()
+    bundle = find_bundle(bundle_name, args.bundle)
+    source, model = Path(args.input), Path(args.model)
+    for path in (source, model):
+        if not path.exists():
+            raise InputError(path, "no such file or folder")
+    return bundle, {"dataset_dir": str(prepared), "input_path": str(source.resolve()),
+                    "ckpt_path": str(model.resolve()), "output_dir": str(Path(args.out).resolve()),
+                    "backbone": args.backbone}
+
+
+def _launch(bundle: Path, configs: list[str], overrides: dict, args: argparse.Namespace,
+            nproc: int = 1, tracking: str | None = None) -> None:
+    """Apply ``--set`` overrides and run the bundle; a failed run exits with its status."""
+    from monai_mask.bundle_runner import bundle_command, run_bundle
+
+    overrides.update(dict(_key_value(kv) for kv in args.set))
+    if nproc > 1:
+        configs = [*configs, "multi_gpu_train.json"]
+    code = run_bundle(bundle_command(bundle, configs, overrides, nproc, tracking))
+    if code:
+        raise SystemExit(code)
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    bundle, overrides = _training_run(args, "mae_pretrain")
+    overrides.update({"mask_mode": args.masking, "prior_source": args.prior})
     if args.model:
         overrides["network_name"] = args.model
     if args.roi:
         overrides["roi_size"] = list(args.roi)
-    overrides.update(dict(_key_value(kv) for kv in args.set))
-    configs = ["train.json"] + (["multi_gpu_train.json"] if args.nproc > 1 else [])
-    code = run_bundle(bundle_command(bundle, configs, overrides, args.nproc, args.tracking))
-    if code:
-        raise SystemExit(code)
+    _launch(bundle, ["train.json"], overrides, args, args.nproc, args.tracking)
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
-    from monai_mask.engines.handlers import latest_checkpoint
-
-    prepared = check_prepared(args.prepared).resolve()
-    bundle = find_bundle("tumor_segmentation", args.bundle)
-    out = Path(args.out).resolve()
-    resume = latest_checkpoint(out / "models") if args.resume == "auto" else (args.resume or "")
-    pretrained = str(Path(args.pretrained).resolve()) if args.pretrained else ""
-    overrides = {"dataset_dir": str(prepared), "output_dir": str(out),
-                 "ckpt_dir": str(out / "models"), "backbone": args.backbone,
-                 "pretrained_ckpt": pretrained, "label_fraction": args.label_fraction,
-                 "max_epochs": args.epochs, "resume_from": resume, "seed": args.seed}
-    overrides.update(dict(_key_value(kv) for kv in args.set))
-    configs = ["train.json"] + (["multi_gpu_train.json"] if args.nproc > 1 else [])
-    code = run_bundle(bundle_command(bundle, configs, overrides, args.nproc, args.tracking))
-    if code:
-        raise SystemExit(code)
+    bundle, overrides = _training_run(args, "tumor_segmentation")
+    overrides.update({"label_fraction": args.label_fraction, "pretrained_ckpt":
+                      str(Path(args.pretrained).resolve()) if args.pretrained else ""})
+    _launch(bundle, ["train.json"], overrides, args, args.nproc, args.tracking)
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
     from monai_mask.engines.segment_io import label_nifti_path, parse_formats
-    from monai_mask.errors import ConfigError, InputError
+    from monai_mask.errors import ConfigError
 
-    prepared = check_prepared(args.prepared).resolve()
-    bundle = find_bundle("tumor_segmentation", args.bundle)
-    source, model, out = Path(args.input), Path(args.model), Path(args.out).resolve()
-    for path in (source, model):
-        if not path.exists():
-            raise InputError(path, "no such file or folder")
+    bundle, overrides = _inference_run(args, "tumor_segmentation")
     formats = parse_formats(args.formats)
     if args.overlay and "nifti" not in formats:
         raise ConfigError("--overlay needs 'nifti' in --formats")
-    overrides = {"dataset_dir": str(prepared), "input_path": str(source.resolve()),
-                 "ckpt_path": str(model.resolve()), "output_dir": str(out),
-                 "backbone": args.backbone, "formats": formats}
-    overrides.update(dict(_key_value(kv) for kv in args.set))
-    code = run_bundle(bundle_command(bundle, ["inference.json"], overrides))
-    if code:
-        raise SystemExit(code)
+    overrides["formats"] = formats
+    _launch(bundle, ["inference.json"], overrides, args)
     if args.overlay:
         from monai_mask.visualize import segmentation_overlay_png
 
-        label = label_nifti_path(source, out)
-        print(f"wrote {segmentation_overlay_png(source, label, args.overlay)}")
+        label = label_nifti_path(Path(args.input), Path(overrides["output_dir"]))
+        print(f"wrote {segmentation_overlay_png(Path(args.input), label, args.overlay)}")
 
 
 def _detect(args: argparse.Namespace) -> None:
-    from monai_mask.bundle_runner import bundle_command, check_prepared, find_bundle, run_bundle
-    from monai_mask.errors import InputError
-
-    prepared = check_prepared(args.prepared).resolve()
-    bundle = find_bundle("tumor_detection", args.bundle)
-    source, model, out = Path(args.input), Path(args.model), Path(args.out).resolve()
-    for path in (source, model):
-        if not path.exists():
-            raise InputError(path, "no such file or folder")
-    overrides = {"dataset_dir": str(prepared), "input_path": str(source.resolve()),
-                 "ckpt_path": str(model.resolve()), "output_dir": str(out),
-                 "backbone": args.backbone, "min_score": args.min_score}
-    overrides.update(dict(_key_value(kv) for kv in args.set))
-    code = run_bundle(bundle_command(bundle, ["inference.json"], overrides))
-    if code:
-        raise SystemExit(code)
-    print(f"wrote <case>_boxes.json and <case>.mrk.json (LPS mm) in {out}")
+    bundle, overrides = _inference_run(args, "tumor_detection")
+    overrides["min_score"] = args.min_score
+    _launch(bundle, ["inference.json"], overrides, args)
+    print(f"wrote <case>_boxes.json and <case>.mrk.json (LPS mm) in {overrides['output_dir']}")
 
 
 def _key_value(text: str) -> tuple[str, object]:

@@ -133,8 +133,8 @@ def _refusal(err: pickle.UnpicklingError) -> str:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint safely; never executes pickled code.
 
-    ``.pt/.pth/.ckpt`` files go through ``torch.load(path, map_location="cpu",
-    weights_only=True)``; safetensors files (by suffix or header) through safetensors.
+    ``.pt/.pth/.ckpt`` files go through ``torch.load(..., weights_only=True)`` on the CPU;
+    safetensors files (by suffix or header) through safetensors.
 
     Returns:
         the stored dict, unchanged (use ``extract_state_dict`` for the weights).
