@@ -132,6 +132,22 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the training wrappers (pretrain, finetune)."""
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, torchrun")
+    p.add_argument("--tracking", choices=("mlflow",), help="experiment tracking")
+    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (latest in OUT)")
+
+
+def _add_bundle_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every bundle wrapper: bundle folder and config overrides."""
+    p.add_argument("--bundle", help="bundle folder (default: the repository's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any bundle config override, e.g. --set batch_size=4 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``monai-mask`` and its subcommands."""
     parser = argparse.ArgumentParser(prog="monai-mask", description=__doc__)
@@ -169,14 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masking", choices=("random", "block", "lesion_aware"),
                    default="lesion_aware")
     p.add_argument("--prior", choices=("intensity", "label", "self", "none"), default="intensity")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, torchrun")
-    p.add_argument("--tracking", choices=("mlflow",), help="experiment tracking")
-    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (latest in OUT)")
-    p.add_argument("--bundle", help="bundle folder (default: the repository's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any bundle config override, e.g. --set batch_size=4 (repeatable)")
+    _add_training_args(p)
+    _add_bundle_args(p)
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("overview", help="PNG of a prepared case with its tumour outline")
@@ -193,14 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=("vit", "cnn"), default="vit")
     p.add_argument("--label-fraction", type=float, default=1.0,
                    help="fraction of the labelled training cases used (default 1)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this node, torchrun")
-    p.add_argument("--tracking", choices=("mlflow",), help="experiment tracking")
-    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (latest in OUT)")
-    p.add_argument("--bundle", help="bundle folder (default: the repository's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any bundle config override, e.g. --set batch_size=4 (repeatable)")
+    _add_training_args(p)
+    _add_bundle_args(p)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("segment", help="segment tumours: NIfTI, .seg.nrrd, DICOM-SEG (+ PNG)")
