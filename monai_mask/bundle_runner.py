@@ -28,8 +28,17 @@ def find_bundle(name: str, bundle_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def check_prepared(prepared: str | os.PathLike) -> Path:
-    """A folder written by ``monai-mask prepare`` (datalist.json and plan.json present)."""
+def check_prepared(prepared: str | os.PathLike, check_files: bool = False) -> Path:
+    """A folder written by ``monai-mask prepare`` (datalist.json and plan.json present).
+
+    Args:
+        prepared: the folder.
+        check_files: also check that every image and label the datalist names exists (a
+            training run would otherwise fail deep inside data loading).
+
+    Raises:
+        InputError: a missing or invalid file, naming it.
+    """
     path = Path(prepared)
     for name in ("datalist.json", "plan.json"):
         if not (path / name).is_file():
@@ -38,7 +47,21 @@ def check_prepared(prepared: str | os.PathLike) -> Path:
             json.loads((path / name).read_text())
         except json.JSONDecodeError as err:
             raise InputError(path / name, f"not valid JSON ({err.msg})") from None
+    if check_files:
+        _check_datalist_files(path / "datalist.json")
     return path
+
+
+def _check_datalist_files(datalist: Path) -> None:
+    """Every ``image``/``label`` of the datalist's training and test lists is on disk."""
+    entries = json.loads(datalist.read_text())
+    for key in ("training", "test"):
+        for entry in entries.get(key, []) if isinstance(entries, dict) else []:
+            for field in ("image", "label"):
+                value = entry.get(field) if isinstance(entry, dict) else None
+                if isinstance(value, str) and not (datalist.parent / value).exists():
+                    raise InputError(datalist.parent / value,
+                                     f"listed in {datalist} ({key}) but not found")
 
 
 def _override_args(overrides: Mapping[str, object]) -> list[str]:

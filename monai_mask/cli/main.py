@@ -24,7 +24,8 @@ def _prepare(args: argparse.Namespace) -> None:
     result = prepare_dataset(args.images, args.out, labels=args.labels, folds=args.folds,
                              skip_bad=args.skip_bad, convert_dicom=args.convert_dicom,
                              modality=args.modality, pseudonym_map=args.pseudonym_map,
-                             seed=args.seed, holdout=args.holdout)
+                             seed=args.seed, holdout=args.holdout,
+                             progress=sys.stderr.isatty())
     print(summary_table(result))
 
 
@@ -39,7 +40,7 @@ def _training_run(args: argparse.Namespace, bundle_name: str) -> tuple[Path, dic
     from monai_mask.bundle_runner import check_prepared, find_bundle
     from monai_mask.engines.handlers import latest_checkpoint
 
-    prepared = check_prepared(args.prepared).resolve()
+    prepared = check_prepared(args.prepared, check_files=True).resolve()
     bundle = find_bundle(bundle_name, args.bundle)
     out = Path(args.out).resolve()
     resume = latest_checkpoint(out / "models") if args.resume == "auto" else (args.resume or "")
@@ -95,7 +96,13 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _segment(args: argparse.Namespace) -> None:
-    from monai_mask.engines.segment_io import label_nifti_path, parse_formats
+    from monai_mask.data.presets import load_plan
+    from monai_mask.engines.segment_io import (
+        check_inputs,
+        find_inputs,
+        label_nifti_path,
+        parse_formats,
+    )
     from monai_mask.errors import ConfigError
 
     bundle, overrides = _inference_run(args, "tumor_segmentation")
@@ -103,6 +110,13 @@ def _segment(args: argparse.Namespace) -> None:
     if args.overlay and "nifti" not in formats:
         raise ConfigError("--overlay needs 'nifti' in --formats")
     overrides["formats"] = formats
+    items, skipped = check_inputs(find_inputs(overrides["input_path"]),
+                                  load_plan(Path(args.prepared) / "plan.json"),
+                                  max_voxels=args.max_voxels, skip_bad=args.skip_bad)
+    for note in skipped:
+        print(f"monai-mask segment: skipped {note}", file=sys.stderr)
+    if skipped:
+        overrides["data"] = items
     _launch(bundle, ["inference.json"], overrides, args)
     if args.overlay:
         from monai_mask.visualize import segmentation_overlay_png
@@ -216,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: nifti, seg.nrrd, dicom-seg (DICOM inputs only)")
     p.add_argument("--backbone", choices=("vit", "cnn"), default="vit")
     p.add_argument("--overlay", help="also write a PNG overlay of the segmentation here")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad inputs (one line each on stderr), segment the others")
+    p.add_argument("--max-voxels", type=int, default=512 * 512 * 2048,
+                   help="refuse inputs with more voxels (default 512*512*2048)")
     p.add_argument("--bundle", help="bundle folder (default: the repository's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any bundle config override, e.g. --set sw_overlap=0.25 (repeatable)")

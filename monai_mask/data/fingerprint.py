@@ -20,6 +20,7 @@ __all__ = [
     "foreground_mask",
     "guess_modality",
     "dataset_fingerprint",
+    "check_intensities",
 ]
 
 Modality = Literal["CT", "MR"]
@@ -58,6 +59,35 @@ def guess_modality(array: np.ndarray) -> Modality:
     flat = np.asarray(array, dtype=np.float32).ravel()
     step = max(1, flat.size // 200_000)
     return "CT" if float(np.percentile(flat[::step], 1)) < -500 else "MR"
+
+
+#: a CT in Hounsfield units holds air (-1000) or at least fat (-100); above this minimum it is
+#: not one (an MR image, or stored values without their rescale).
+CT_MIN_HU = -200.0
+
+
+def check_intensities(array: np.ndarray, modality: str, where) -> None:
+    """Refuse a volume whose intensities cannot be an image of ``modality``.
+
+    Rules: a constant volume carries no image; a CT must have some voxel below ``CT_MIN_HU``
+    (air or fat in HU); an MR must not look like CT (1st percentile below -500, the rule of
+    :func:`guess_modality`). ``where`` names the file in the error.
+
+    Raises:
+        InputError: constant volume, or intensities that contradict ``modality``.
+    """
+    from monai_mask.errors import InputError
+
+    low, high = float(np.min(array)), float(np.max(array))
+    if low == high:
+        raise InputError(where, f"constant image (every voxel is {low:g}); nothing to segment")
+    if modality.upper() == "CT" and low > CT_MIN_HU:
+        raise InputError(where, f"intensities {low:g}..{high:g} are not CT Hounsfield units "
+                                f"(no voxel below {CT_MIN_HU:g}); an MR image given to a CT "
+                                "plan? use --modality mr or an MR plan")
+    if modality.upper() == "MR" and guess_modality(array) == "CT":
+        raise InputError(where, f"intensities {low:g}..{high:g} look like CT Hounsfield units, "
+                                "not MR; use --modality ct or a CT plan")
 
 
 def foreground_mask(

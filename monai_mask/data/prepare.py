@@ -24,7 +24,12 @@ from tqdm.auto import tqdm
 
 from monai_mask.data.boxes import boxes_from_label
 from monai_mask.data.datalist import build_datalist, write_json_atomic
-from monai_mask.data.fingerprint import case_fingerprint, dataset_fingerprint, guess_modality
+from monai_mask.data.fingerprint import (
+    case_fingerprint,
+    check_intensities,
+    dataset_fingerprint,
+    guess_modality,
+)
 from monai_mask.data.plan import make_plan
 from monai_mask.errors import InputError
 
@@ -67,6 +72,7 @@ def _process_case(src, label_path, staging: Path, modality: str, convert_dicom: 
 
     vol = _read_source(src)
     mod, mod_source = _modality(vol, modality)
+    check_intensities(vol.array, mod, src.path)
     label = None
     entry = {"case_id": src.case_id, "patient": src.patient_key or src.case_id}
     if label_path is not None:

@@ -11,6 +11,7 @@ slice order and with the geometry computed by ``monai_mask.io.dicom`` from the h
 from __future__ import annotations
 
 import os
+import warnings as warnings_module
 import zlib
 from dataclasses import dataclass, field
 from os import PathLike
@@ -21,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
+from nibabel.imageglobals import LoggingOutputSuppressor
 
 from monai_mask.errors import InputError
 from monai_mask.io.dicom import (
@@ -41,6 +43,8 @@ __all__ = [
     "read_dicom_series",
     "save_nifti",
     "check_label",
+    "check_geometry",
+    "read_shape",
 ]
 
 ImageKind = Literal["nifti", "nrrd", "mha", "dicom"]
@@ -56,6 +60,8 @@ IMAGE_SUFFIXES: dict[str, ImageKind] = {
     **{s: "dicom" for s in DICOM_SUFFIXES},
 }
 _NIBABEL_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error, MemoryError)
+#: voxel sizes (mm) outside this range are taken as a broken header, not as a scan.
+SPACING_RANGE_MM = (1e-3, 100.0)
 
 
 @dataclass
@@ -164,7 +170,37 @@ def read_image(
         raise InputError(path, "not an image: unknown file type")
     array, affine, warnings = _read_nifti(path) if kind == "nifti" else _read_itk(path)
     array = _check_array(array, path, expect_3d=expect_3d, check_finite=check_finite)
-    return Volume(array=array, affine=affine, source=str(path), warnings=warnings)
+    return Volume(array=array, affine=check_geometry(affine, path), source=str(path),
+                  warnings=warnings)
+
+
+def read_shape(path: str | PathLike) -> tuple[int, ...]:
+    """Array shape of an image file or DICOM series folder from its header only (no pixels).
+
+    Used to refuse volumes too large for the configured memory before reading them.
+
+    Raises:
+        InputError: missing or unreadable input.
+    """
+    path = Path(path)
+    if path.is_dir():
+        series = scan_dicom(path)
+        return (series[0].cols, series[0].rows, len(series[0].unique_files()))
+    kind = image_kind(path) or ("dicom" if path.is_file() and is_dicom_file(path) else None)
+    if not path.is_file() or kind in (None, "dicom"):
+        return read_image(path, check_finite=False).shape
+    if kind == "nifti":
+        try:
+            return tuple(int(s) for s in nib.load(path).shape)
+        except _NIBABEL_ERRORS as e:
+            raise InputError(path, f"unreadable or corrupt NIfTI ({type(e).__name__})") from e
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(path, f"unreadable or corrupt image ({_first_line(e)})") from e
+    return tuple(int(s) for s in reader.GetSize())
 
 
 def read_dicom_series(
@@ -204,8 +240,9 @@ def read_dicom_series(
     array = _read_dicom_pixels(files, where, (series.cols, series.rows), as_float=varying)
     array = _check_array(array, where, expect_3d=expect_3d, check_finite=check_finite)
     return Volume(
-        array=array, affine=series.affine(), source=str(where), modality=series.modality,
-        series_uid=series.uid, patient_key=series.patient_key, warnings=list(series.warnings),
+        array=array, affine=check_geometry(series.affine(), where), source=str(where),
+        modality=series.modality, series_uid=series.uid, patient_key=series.patient_key,
+        warnings=list(series.warnings),
     )  # fmt: skip
 
 
@@ -251,16 +288,40 @@ def _first_line(error: BaseException) -> str:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Array (scaling applied), RAS affine and notes of a NIfTI file."""
-    try:
-        image = nib.load(path)
-        array = np.asanyarray(image.dataobj)
-    except _NIBABEL_ERRORS as e:
-        raise InputError(path, f"unreadable or corrupt NIfTI ({type(e).__name__}: {e})") from e
+    _check_nifti_voxel_sizes(path)
+    # nibabel warns and logs about header oddities on stderr: keep them as notes instead, so a
+    # corrupt file gives one error line and a readable one its notes in Volume.warnings
+    with warnings_module.catch_warnings(record=True) as caught, LoggingOutputSuppressor():
+        warnings_module.simplefilter("always")
+        try:
+            image = nib.load(path)
+            array = np.asanyarray(image.dataobj)
+        except _NIBABEL_ERRORS as e:
+            raise InputError(path, f"unreadable or corrupt NIfTI ({type(e).__name__}: {e})") from e
     header = image.header
-    warnings = []
+    warnings = [f"nibabel: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
     if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
         warnings.append("NIfTI without sform/qform: affine from voxel sizes only")
     return np.asarray(array), np.asarray(image.affine, dtype=np.float64), warnings
+
+
+def _check_nifti_voxel_sizes(path: Path) -> None:
+    """Refuse a NIfTI-1 header whose affine would come from zero or negative voxel sizes.
+
+    Read unchecked, before ``nib.load``: nibabel would silently take absolute values (and log
+    a line). Other header problems are left to ``nib.load``.
+    """
+    try:
+        with nib.openers.ImageOpener(path) as f, warnings_module.catch_warnings():
+            warnings_module.simplefilter("ignore")
+            header = nib.Nifti1Header.from_fileobj(f, check=False)
+        no_affine = int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0
+        sizes = [float(v) for v in header["pixdim"][1:4]]
+    except Exception:  # noqa: BLE001 - not a readable NIfTI-1 header: nib.load reports it
+        return
+    if no_affine and min(sizes) <= 0:
+        raise InputError(path, f"voxel size {sizes} in the header is zero or negative "
+                               "(no sform/qform to take the geometry from)")
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -301,6 +362,8 @@ def _check_array(
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     shape = "x".join(str(s) for s in array.shape)
+    if array.size == 0:
+        raise InputError(path, f"empty image (shape {shape or '()'}, no voxels)")
     if array.ndim == 2 or (array.ndim == 3 and 1 in array.shape and expect_3d):
         if expect_3d:
             raise InputError(path, f"2D image (shape {shape}); a 3D volume is needed")
@@ -312,6 +375,24 @@ def _check_array(
         if n_bad:
             raise InputError(path, f"{n_bad} non-finite voxel(s) (NaN or inf)")
     return array
+
+
+def check_geometry(affine: np.ndarray, path: str | PathLike) -> np.ndarray:
+    """``affine`` when it is finite with voxel sizes in ``SPACING_RANGE_MM``, else InputError.
+
+    A zero, tiny or huge voxel size (say 0 or 1e4 mm) comes from a broken header; resampling
+    to the plan's spacing would divide by zero or allocate an absurd grid.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise InputError(path, "affine (voxel-to-world matrix) has NaN or infinite values")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    low, high = SPACING_RANGE_MM
+    if spacing.min() < low or spacing.max() > high:
+        sizes = "x".join(f"{s:.4g}" for s in spacing)
+        raise InputError(path, f"voxel size {sizes} mm outside [{low:g}, {high:g}] mm "
+                               "(broken header?)")
+    return affine
 
 
 def save_nifti(volume: Volume, path: str | PathLike) -> Path:
