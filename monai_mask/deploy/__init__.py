@@ -1,0 +1,1 @@
+"""Deployment: TorchScript / ONNX exports and onnxruntime sliding-window inference."""
