@@ -9,10 +9,14 @@ viewers and 3D Slicer (QuantitativeReporting / DICOM module).
 
 Only headers are read (``stop_before_pixels``): compressed sources (JPEG 2000, JPEG-LS,
 ...) need no codec. Privacy: a SEG is a new series *in the source study* and the standard
-requires the Patient and General Study modules, so highdicom copies PatientName,
-PatientID, PatientBirthDate, PatientSex, StudyInstanceUID, StudyDate, AccessionNumber, ...
-from the source. That is what lets PACS attach it to the study; the file is as sensitive
-as the source images. Error messages never contain those values.
+requires the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1). By default
+(``patient_identity="pseudonym"``, the project's privacy contract) the SEG keeps only what
+the standard needs to reference the study: StudyInstanceUID (Type 1) and the source
+FrameOfReference/SOP Instance UIDs; PatientName and PatientID become the patient's
+pseudonym (the datalist's ``patient``), and the other Type 2 attributes (PatientBirthDate,
+PatientSex, StudyDate, StudyTime, ReferringPhysicianName, StudyID, AccessionNumber) are
+written empty. ``patient_identity="source"`` (an explicit choice) copies them from the
+source, so PACS files the SEG under the real patient. Error messages never contain them.
 
 Reference: DICOM PS3.3 A.51 (Segmentation IOD); Bridge et al., "Highdicom: a Python library
 for standardized encoding of image annotations and machine learning model outputs in
@@ -25,19 +29,22 @@ import logging
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
 import pydicom
+from monai.utils import look_up_option
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
 from monai_mask import __version__
 from monai_mask.errors import InputError
 from monai_mask.io.writers import SegmentInfo, atomic_write, validate_label
-from monai_mask.privacy import PHI_TAGS
+from monai_mask.privacy import PHI_TAGS, pseudonymize
 
-__all__ = ["write_dicom_seg", "read_source_headers", "segment_descriptions"]
+__all__ = ["write_dicom_seg", "read_source_headers", "segment_descriptions",
+           "pseudonymise_headers"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +99,26 @@ def read_source_headers(files: Sequence[str | PathLike], where: Path) -> list[py
         datasets.append(ds)
     _check_same_series(datasets, where)
     return datasets
+
+
+def pseudonymise_headers(datasets: Sequence[pydicom.Dataset]) -> None:
+    """Replace, in memory, the patient/study identifiers highdicom would copy into a SEG.
+
+    PatientName and PatientID become the pseudonym of the source's PatientID (as
+    ``monai_mask.io.dicom`` computes it, so it equals the datalist's ``patient``); every
+    other ``PHI_TAGS`` attribute is removed and the remaining Type 2 attributes of
+    ``TYPE2_COPIED`` are emptied. StudyInstanceUID and the other UIDs are kept.
+    """
+    from monai_mask.io.dicom import _patient_key
+
+    for ds in datasets:
+        pseudonym = _patient_key(ds) or pseudonymize(str(ds.get("StudyInstanceUID", "")))
+        for keyword in PHI_TAGS:
+            if keyword in ds:
+                delattr(ds, keyword)
+        for keyword in TYPE2_COPIED:
+            setattr(ds, keyword, "")
+        ds.PatientName, ds.PatientID = pseudonym, pseudonym
 
 
 def _check_same_series(datasets: list[pydicom.Dataset], where: Path) -> None:
@@ -171,6 +198,7 @@ def write_dicom_seg(
     series_description: str = "monai-mask segmentation",
     manufacturer: str = "monai-mask",
     series_number: int = 901,
+    patient_identity: Literal["pseudonym", "source"] = "pseudonym",
 ) -> Path:
     """Write a BINARY DICOM Segmentation of a series with highdicom, atomically.
 
@@ -189,6 +217,10 @@ def write_dicom_seg(
         series_description: SeriesDescription of the new SEG series.
         manufacturer: Manufacturer of the SEG.
         series_number: SeriesNumber of the new series.
+        patient_identity: ``"pseudonym"`` (default): Patient and Study attributes other than
+            StudyInstanceUID are pseudonymised or empty (:func:`pseudonymise_headers`);
+            ``"source"``: copied from the source images (PACS files the SEG under the real
+            patient; the file is then as sensitive as the images).
 
     Returns:
         ``path``.
@@ -202,6 +234,8 @@ def write_dicom_seg(
         raise InputError(path, "is a folder")
     label = validate_label(label, path, segments)
     sources = read_source_headers(list(source_series_files), path)
+    if look_up_option(patient_identity, ("pseudonym", "source")) == "pseudonym":
+        pseudonymise_headers(sources)
     expected = (int(sources[0].Columns), int(sources[0].Rows), len(sources))
     if label.shape != expected:
         raise InputError(

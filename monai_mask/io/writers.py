@@ -299,12 +299,13 @@ def write_dicom_seg(
     series_description: str = "monai-mask segmentation",
     manufacturer: str = "monai-mask",
     series_number: int = 901,
+    patient_identity: str = "pseudonym",
 ) -> Path:
     """Write a DICOM Segmentation (BINARY) of a DICOM series via highdicom, atomically.
 
     See ``monai_mask.io.dicom_seg.write_dicom_seg`` for the arguments, the privacy note
-    (patient and study attributes are copied from the source, as the standard requires)
-    and the handling of empty segments.
+    (the study is referenced by its UID; patient identity is pseudonymised unless
+    ``patient_identity="source"``) and the handling of empty segments.
     """
     from monai_mask.io.dicom_seg import write_dicom_seg as _write
 
@@ -318,6 +319,7 @@ def write_dicom_seg(
         series_description=series_description,
         manufacturer=manufacturer,
         series_number=series_number,
+        patient_identity=patient_identity,
     )
 
 

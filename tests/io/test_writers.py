@@ -33,6 +33,7 @@ from monai_mask.io.writers import (
     write_markups_roi,
     write_seg_nrrd,
 )
+from monai_mask.privacy import pseudonymize
 from tests.io.conftest import PATIENT_ID, SECRETS, rotated_affine, write_dicom_series
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
@@ -288,11 +289,21 @@ def test_dicom_seg_round_trip_generated_oblique_series(tmp_path):
     assert ds.SoftwareVersions == "9.9"
     assert ds.SegmentationType == "BINARY"
     assert ds.SeriesDescription == "monai-mask segmentation"
-    # by design: the SEG belongs to the patient's study (documented in docs/outputs.md)
-    assert ds.PatientID == PATIENT_ID
+    # the SEG references the patient's study; patient identity is pseudonymised by default
+    assert ds.PatientID == ds.PatientName == pseudonymize(PATIENT_ID)
+    assert ds.PatientBirthDate == "" and ds.AccessionNumber == ""
     assert ds.StudyInstanceUID == sources[0].StudyInstanceUID
     assert ds.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     assert [p.name for p in path.parent.iterdir()] == ["case_seg.dcm"]
+
+
+def test_dicom_seg_copies_patient_identity_only_when_asked(tmp_path):
+    on_disk = write_dicom_series(tmp_path / "ct", shape=(8, 6, 4))
+    files = scan_dicom(on_disk.folder)[0].unique_files()
+    label = np.zeros((8, 6, 4), dtype=np.uint8)
+    path = write_dicom_seg(label, files, tmp_path / "s.dcm", SEGMENTS[:1],
+                           patient_identity="source")
+    assert pydicom.dcmread(path).PatientID == PATIENT_ID
 
 
 def test_dicom_seg_all_empty_label(tmp_path):
