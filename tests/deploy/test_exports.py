@@ -57,7 +57,7 @@ def test_segmentation_onnx_sliding_window_matches_pytorch_on_a_whole_volume(tmp_
     assert (out.name, out.shape, out.type) == ("pred", ["batch", 2, 32, 32, 32], "tensor(float)")
 
     volume = _volume()
-    assert volume.shape[2:] == (77, 77, 48)  # larger than one window: 3 x 3 x 2 positions
+    assert volume.shape[2:] == (77, 77, 48)  # larger than one window: 4 x 4 x 2 positions
     # the bundle's inference settings (configs/inference.json)
     inferer = SlidingWindowInferer((32, 32, 32), sw_batch_size=4, overlap=0.5, mode="gaussian")
     with torch.no_grad():
