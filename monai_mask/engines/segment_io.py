@@ -132,7 +132,8 @@ def check_inputs(items: Sequence[Mapping], plan: Mapping,
             continue
         good.append(dict(item))
     if not good:
-        raise InputError(items[0]["image"] if len(items) == 1 else None,
+        first = Path(items[0]["image"])
+        raise InputError(first if len(items) == 1 else first.parent,
                          f"no usable input ({len(skipped)} skipped)")
     return good, skipped
 
