@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 
 __all__ = ["case_slices", "overview_png", "mae_preview_png", "save_figure",
-           "segmentation_overlay_png"]
+           "segmentation_overlay_png", "detection_overlay_png"]
 
 
 def save_figure(fig, out_png: str | Path, dpi: int = 90) -> Path:
@@ -191,4 +191,63 @@ def segmentation_overlay_png(image_path: str | Path, label_path: str | Path,
         ax.axis("off")
     fig.suptitle(title or Path(label_path).name)
     fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def detection_overlay_png(image_path: str | Path, boxes_lps: np.ndarray, out_png: str | Path,
+                          points_lps: np.ndarray | None = None, title: str = "",
+                          max_views: int = 3) -> Path:
+    """Axial slices of an image with detected boxes (and reference points, e.g. lesion centroids).
+
+    One panel per reference point (at most ``max_views``; the first boxes' centres when there
+    are none), through that point's axial slice of the closest canonical (RAS) orientation.
+    Boxes (``cccwhd``, world LPS mm) cut by the slice are drawn in yellow, points as red
+    crosses. Boxes map to voxels with :func:`monai_mask.io.writers.world_to_image_boxes` (the
+    tight index-space box, exact for axis-aligned images).
+
+    Args:
+        image_path: the image (anything ``read_image`` reads).
+        boxes_lps: (N, 6) boxes, e.g. MONAI Label's or ``{case}_boxes.json``'s ``box``.
+        out_png: PNG path, written atomically.
+        points_lps: (M, 3) reference points in world LPS mm.
+        title: figure title.
+        max_views: most panels drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from monai_mask.data.boxes import RAS_TO_LPS
+    from monai_mask.io.readers import read_image
+    from monai_mask.io.writers import world_to_image_boxes
+
+    vol = read_image(image_path)
+    canon = nib.as_closest_canonical(nib.Nifti1Image(vol.array.astype(np.float32), vol.affine))
+    image, affine = np.asanyarray(canon.dataobj), canon.affine
+    boxes = world_to_image_boxes(np.asarray(boxes_lps, float).reshape(-1, 6), affine)
+    points = np.asarray(points_lps if points_lps is not None else
+                        np.asarray(boxes_lps, float).reshape(-1, 6)[:, :3], float).reshape(-1, 3)
+    points = points[:max_views] if len(points) else np.zeros((0, 3))
+    lps = RAS_TO_LPS @ affine
+    ijk = (points - lps[:3, 3]) @ np.linalg.inv(lps[:3, :3]).T
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    n = max(len(ijk), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4), squeeze=False)
+    sx, sy, _ = canon.header.get_zooms()[:3]
+    centres = ijk if len(ijk) else (np.array(image.shape, float)[None] - 1) / 2
+    for ax, (i, j, k) in zip(axes[0], centres, strict=False):
+        z = int(np.clip(round(k), 0, image.shape[2] - 1))
+        ax.imshow(np.rot90(image[:, :, z]), cmap="gray", vmin=lo, vmax=hi,
+                  interpolation="nearest", aspect=sy / sx)
+        top = image.shape[1] - 1  # rot90: column = i, row = top - j
+        for b in boxes[np.abs(boxes[:, 2] - z) <= boxes[:, 5] / 2]:
+            ax.add_patch(Rectangle((b[0] - b[3] / 2, top - b[1] - b[4] / 2), b[3], b[4],
+                                   fill=False, edgecolor="yellow", linewidth=1.0))
+        if len(ijk):
+            ax.plot([i], [top - j], marker="+", color="red", markersize=12, mew=2)
+        ax.set_title(f"axial slice {z}")
+        ax.axis("off")
+    fig.suptitle(title or Path(str(image_path)).name)
     return save_figure(fig, out_png)
