@@ -31,6 +31,7 @@ import torch.nn as nn
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.losses import FocalLoss
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
 from monai.networks.nets import ViT
 from monai.utils import ensure_tuple_rep, look_up_option
@@ -38,10 +39,11 @@ from monai.utils import ensure_tuple_rep, look_up_option
 from monai_mask.errors import ConfigError
 from monai_mask.networks.cnn_mae import ResidualEncoder
 
-__all__ = ["ATSSRetinaNetDetector", "CNNFPNBackbone", "ViTSimpleFPN", "build_detector",
-           "load_pretrained_detector", "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
+__all__ = ["ATSSRetinaNetDetector", "CNNFPNBackbone", "ViTSimpleFPN", "FocalLossPerPositive",
+           "build_detector", "load_pretrained_detector", "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
 
 BACKBONES = ("cnn", "vit")
+CLS_LOSSES = ("focal", "hard_negative")
 #: detector keys a pretrained MAE does not provide (pyramid and heads), allowed to stay missing.
 DETECTOR_HEAD_PATTERNS = (
     "network.feature_extractor.fpn.*",
@@ -148,6 +150,26 @@ class ViTSimpleFPN(nn.Module):
         return [level(fmap) for level in self.pyramid]
 
 
+class FocalLossPerPositive(nn.Module):
+    """Sigmoid focal loss summed over every anchor and divided by the number of positives.
+
+    The normalisation of the RetinaNet paper (Lin et al., ICCV 2017, section 3.3 and 4), which
+    keeps the few positive anchors of small lesions from being averaged away by the many
+    easy negatives; the per-anchor loss is MONAI's ``FocalLoss`` (``reduction="none"``).
+
+    Args:
+        gamma: focusing parameter. alpha: weight of the positive class.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25) -> None:
+        super().__init__()
+        self.focal = FocalLoss(gamma=gamma, alpha=alpha, use_softmax=False, reduction="none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(N, K)`` logits and one-hot targets -> scalar loss."""
+        return self.focal(logits.float(), target.float()).sum() / target.sum().clamp(min=1.0)
+
+
 class ATSSRetinaNetDetector(RetinaNetDetector):
     """MONAI ``RetinaNetDetector`` whose matching step needs no torchvision.
 
@@ -211,7 +233,8 @@ def build_detector(
     backbone: Literal["cnn", "vit"], *, img_size: Sequence[int], in_channels: int = 1,
     num_classes: int = 1, spatial_dims: int = 3,
     base_anchor_shapes: Sequence[Sequence[float]] = ((6, 6, 3), (10, 10, 5)),
-    fpn_channels: int = 32, atss_candidates: int = 4, hard_negative_batch: int = 64,
+    fpn_channels: int = 32, atss_candidates: int = 4,
+    cls_loss: Literal["focal", "hard_negative"] = "focal", hard_negative_batch: int = 64,
     positive_fraction: float = 0.3, score_thresh: float = 0.02, nms_thresh: float = 0.22,
     topk_candidates_per_level: int = 1000, detections_per_img: int = 100,
     sw_overlap: float = 0.25, sw_batch_size: int = 1,
@@ -231,9 +254,14 @@ def build_detector(
         fpn_channels: pyramid width.
         atss_candidates: ATSS candidates per level (``set_atss_matcher``; centres need not be in
             the box, the right choice for small lesions).
-        hard_negative_batch, positive_fraction: ``set_hard_negative_sampler`` settings.
+        cls_loss: ``"focal"``: :class:`FocalLossPerPositive` over all anchors (default; learns
+            small lesions from few crops); ``"hard_negative"``: MONAI's BCE on a hard-negative
+            sample of anchors (``hard_negative_batch``, ``positive_fraction``), as in MONAI's
+            LUNA16 tutorial.
         score_thresh, nms_thresh, topk_candidates_per_level, detections_per_img: box selector.
-        sw_overlap, sw_batch_size: sliding-window inference settings.
+        sw_overlap, sw_batch_size: sliding-window inference settings (images smaller than a
+            window are padded by replicating their border, air for a body in the field of
+            view, rather than with zeros, which the normalisation maps to soft tissue).
         sw_roi_size: sliding-window size (default ``img_size``; the ViT needs ``img_size``, the
             CNN takes any size divisible by its coarsest stride, larger windows are faster).
         box_key, label_key: target keys of the training dicts (the datalist's ``box`` and
@@ -261,14 +289,19 @@ def build_detector(
     det = ATSSRetinaNetDetector(net, anchors, debug=False)
     det.set_target_keys(box_key=box_key, label_key=label_key)
     det.set_atss_matcher(num_candidates=atss_candidates, center_in_gt=False)
-    det.set_hard_negative_sampler(batch_size_per_image=hard_negative_batch,
-                                  positive_fraction=positive_fraction, pool_size=20, min_neg=16)
+    if look_up_option(cls_loss, CLS_LOSSES) == "focal":
+        det.set_cls_loss(FocalLossPerPositive())
+    else:
+        det.set_hard_negative_sampler(batch_size_per_image=hard_negative_batch,
+                                      positive_fraction=positive_fraction, pool_size=20,
+                                      min_neg=16)  # fmt: skip
     det.set_box_selector_parameters(score_thresh=score_thresh, nms_thresh=nms_thresh,
                                     topk_candidates_per_level=topk_candidates_per_level,
                                     detections_per_img=detections_per_img)  # fmt: skip
     sw_roi = _sw_roi(backbone, sw_roi_size, img_size, coarsest)
     det.set_sliding_window_inferer(roi_size=sw_roi, sw_batch_size=sw_batch_size,
-                                   overlap=sw_overlap, mode="constant")  # fmt: skip
+                                   overlap=sw_overlap, mode="constant",
+                                   padding_mode="replicate")  # fmt: skip
     det.backbone = backbone
     if pretrained_ckpt:
         load_pretrained_detector(det, pretrained_ckpt, backbone)
