@@ -40,6 +40,7 @@ def test_monai_algo_runs_one_local_round(tmp_path):
     from monai.fl.client import MonaiAlgo
     from monai.fl.utils.constants import ExtraItems, FlStatistics, WeightType
     from monai.fl.utils.exchange_object import ExchangeObject
+    from monai.utils.enums import EngineStatsKeys
 
     prep = subprocess.run(
         [sys.executable, "-m", "monai_mask", "prepare", "--images", str(SAMPLE / "imagesTr"),
@@ -73,6 +74,9 @@ def test_monai_algo_runs_one_local_round(tmp_path):
         epoch_length = algo.trainer.state.epoch_length
         assert epoch_length > 0 and algo.trainer.state.epoch == 1
         assert out.statistics[FlStatistics.NUM_EXECUTED_ITERATIONS] == epoch_length
+        # beyond weights, only counts and the local validation metric leave the site
+        allowed = {k.value for k in EngineStatsKeys} | {FlStatistics.NUM_EXECUTED_ITERATIONS}
+        assert set(out.statistics) <= allowed, set(out.statistics) - allowed
 
         metrics = algo.evaluate(ExchangeObject(weights=out.weights))
         dice = metrics.metrics["val_mean_dice"]
