@@ -1,12 +1,17 @@
 """Pretrained vs scratch tumour detector on the synthetic phantoms (sensitivity at 1 FP/scan, CPM).
 
-For each seed: pretrain the CNN MAE once (``bundles/mae_pretrain``, or reuse ``--mae``), then
-fine-tune ``bundles/tumor_detection`` from scratch and from the MAE encoder on the training
-folds, and evaluate both on the held-out fold (``evaluate.json``: COCO + FROC). Writes
+Pretrain the CNN MAE once on the training images (``bundles/mae_pretrain``, no labels; or
+reuse ``--mae``), then for each seed fine-tune ``bundles/tumor_detection`` from scratch and
+from the MAE encoder on the training cases, and evaluate both on the datalist's ``test`` list
+(``prepare --holdout``; ``evaluate.json``: COCO + FROC in world mm). Writes
 ``<out>/detection_study.json`` and a markdown table ``<out>/detection_study.md``.
 
-    python benchmarks/detection_study.py --prepared sample_data/ct/prepared --out runs/study \
-        --seeds 0 1 2 --epochs 100 --mae-epochs 50
+    monai-mask sample-data runs/phantoms --n 36 --seed 100 --modality ct
+    seq -f "case_%03g" 24 35 > runs/test_ids.txt
+    monai-mask prepare --images runs/phantoms/imagesTr --labels runs/phantoms/labelsTr \
+        --out runs/phantoms/prepared --holdout runs/test_ids.txt
+    python benchmarks/detection_study.py --prepared runs/phantoms/prepared --out runs/study \
+        --seeds 0 1 2 --epochs 30 --mae-epochs 30
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
               "ckpt_dir": str(run / "models"), "seed": seed}  # fmt: skip
     _run("tumor_detection", ["train.json"],
          {**common, "max_epochs": args.epochs, "val_interval": args.epochs,
-          "pretrained_ckpt": ckpt})  # fmt: skip
-    _run("tumor_detection", ["train.json", "evaluate.json"], common)
+          "pretrained_ckpt": ckpt, "train#data": "$@all_data"})  # fmt: skip
+    _run("tumor_detection", ["train.json", "evaluate.json"],
+         {**common, "eval_data": "$monai_mask.data.datalist.load_datalist(@datalist, 'test')"})
     overall = json.loads((run / "eval" / "metrics.json").read_text())["overall"]
     return {"sens@1": overall["sens@1"], "cpm": overall["cpm"]}
 

@@ -89,9 +89,22 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    bundle, overrides = _training_run(args, "tumor_segmentation")
-    overrides.update({"label_fraction": args.label_fraction, "pretrained_ckpt":
-                      str(Path(args.pretrained).resolve()) if args.pretrained else ""})
+    from monai_mask.errors import ConfigError
+
+    detection = args.task == "detection"
+    if detection and args.label_fraction != 1.0:
+        raise ConfigError("--label-fraction is supported for --task segmentation only")
+    if args.backbone is None:
+        args.backbone = "cnn" if detection else "vit"
+    if args.pretrained and not Path(args.pretrained).is_file():
+        from monai_mask.errors import InputError
+
+        raise InputError(args.pretrained, "no such checkpoint")
+    bundle, overrides = _training_run(args, "tumor_detection" if detection
+                                      else "tumor_segmentation")  # fmt: skip
+    overrides["pretrained_ckpt"] = str(Path(args.pretrained).resolve()) if args.pretrained else ""
+    if not detection:
+        overrides["label_fraction"] = args.label_fraction
     _launch(bundle, ["train.json"], overrides, args, args.nproc, args.tracking)
 
 
@@ -209,12 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", help="case id (default: the largest tumour)")
     p.set_defaults(func=_overview)
 
-    p = sub.add_parser("finetune", help="tumour segmentation with bundles/tumor_segmentation")
+    p = sub.add_parser("finetune", help="fine-tune tumour segmentation (bundles/"
+                       "tumor_segmentation) or detection (bundles/tumor_detection)")
+    p.add_argument("--task", choices=("segmentation", "detection"), default="segmentation")
     p.add_argument("--prepared", required=True, help="folder written by prepare (with labels)")
     p.add_argument("--out", required=True, help="run folder (models/, loss.csv, tensorboard/)")
     p.add_argument("--pretrained", help="MAE checkpoint (pretrain's models/model.pt); "
                    "default: from scratch")
-    p.add_argument("--backbone", choices=("vit", "cnn"), default="vit")
+    p.add_argument("--backbone", choices=("vit", "cnn"),
+                   help="default: vit for segmentation, cnn for detection")
     p.add_argument("--label-fraction", type=float, default=1.0,
                    help="fraction of the labelled training cases used (default 1)")
     _add_training_args(p)

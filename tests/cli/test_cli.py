@@ -42,3 +42,16 @@ def test_unknown_subcommand_exits_nonzero():
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
     assert exc.value.code != 0
+
+
+def test_finetune_detection_rejects_label_fraction_and_missing_checkpoint(sample_data, tmp_path,
+                                                                          capsys):
+    prepared = str(sample_data / "ct" / "prepared")
+    base = ["finetune", "--task", "detection", "--prepared", prepared, "--out", str(tmp_path / "o")]
+    assert main([*base, "--label-fraction", "0.5"]) == 2
+    assert main([*base, "--pretrained", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["monai-mask finetune: error: --label-fraction is supported for --task "
+                   "segmentation only",
+                   f"monai-mask finetune: error: {tmp_path / 'none.pt'}: no such checkpoint"]
+    assert not (tmp_path / "o").exists()
