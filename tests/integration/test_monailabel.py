@@ -40,8 +40,11 @@ SEG_CASE, DET_CASE = "case_002", "case_004"  # 2 and 3 tumours
 SEG, DET = "tumor_segmentation", "tumor_detection"
 # what the bundle tests use for a short run (tests/bundles/test_tumor_*.py)
 SEG_TRAIN = {"max_epochs": 2, "sw_overlap": 0.25}
-DET_TRAIN = {"max_epochs": 3, "val_interval": 3, "learning_rate": 0.002,
-             "train#data": "$@all_data"}
+# the detector learns the lesions of the case it is asked about (one case, 120 iterations, no
+# flips: as tests/bundles/test_tumor_detection.py); generalisation is the detection study's job
+DET_TRAIN = {"max_epochs": 120, "val_interval": 120, "flip_prob": 0.0,
+             "train#data": f"$[d for d in @all_data if d['case_id'] == '{DET_CASE}']",
+             "validate#data": f"$[d for d in @all_data if d['case_id'] == '{DET_CASE}']"}
 # MONAI Label must never reach the network: any HTTP(S) attempt goes to a closed local port.
 NO_NETWORK = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
               "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
