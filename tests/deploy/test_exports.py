@@ -26,6 +26,10 @@ pytest.importorskip("onnxscript")
 SAMPLE = REPO / "sample_data" / "ct"
 ATOL = RTOL = 1e-4  # one window
 VOLUME_ATOL = 5e-4  # whole volume, sliding windows
+# The detector's windows pad by replicating the border: windows that are mostly padded air are
+# nearly constant, and instance norm divides by their tiny spread, which magnifies float32
+# differences (measured max 5.9e-4 with replicate padding, 2.8e-4 with zero padding).
+DET_VOLUME_ATOL = 1e-3
 
 
 def _volume(case: str = "case_002") -> torch.Tensor:
@@ -122,7 +126,7 @@ def test_detection_heads_onnx_sliding_window_matches_pytorch_on_a_whole_volume(t
     assert len(got) == len(ref) == 6
     for g, r in zip(got, ref, strict=True):
         assert g.shape == r.shape
-        np.testing.assert_allclose(g.numpy(), r.numpy(), atol=VOLUME_ATOL, rtol=RTOL)
+        np.testing.assert_allclose(g.numpy(), r.numpy(), atol=DET_VOLUME_ATOL, rtol=RTOL)
 
 
 def test_onnx_predictor_refuses_missing_and_corrupt_files(tmp_path):
