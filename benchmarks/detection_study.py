@@ -42,11 +42,13 @@ def _pretrain(args, out: Path) -> str:
 def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
     common = {"dataset_dir": args.prepared, "output_dir": str(run),
               "ckpt_dir": str(run / "models"), "seed": seed}  # fmt: skip
-    _run("tumor_detection", ["train.json"],
-         {**common, "max_epochs": args.epochs, "val_interval": args.epochs,
-          "pretrained_ckpt": ckpt, "train#data": "$@all_data"})  # fmt: skip
-    _run("tumor_detection", ["train.json", "evaluate.json"],
-         {**common, "eval_data": "$monai_mask.data.datalist.load_datalist(@datalist, 'test')"})
+    if not (run / "models" / "model.pt").is_file():  # a finished run is reused
+        _run("tumor_detection", ["train.json"],
+             {**common, "max_epochs": args.epochs, "val_interval": args.epochs,
+              "pretrained_ckpt": ckpt, "train#data": "$@all_data"})  # fmt: skip
+    test = {"_target_": "monai_mask.data.datalist.load_datalist", "path": "@datalist",
+            "key": "test"}
+    _run("tumor_detection", ["train.json", "evaluate.json"], {**common, "eval_data": test})
     overall = json.loads((run / "eval" / "metrics.json").read_text())["overall"]
     return {"sens@1": overall["sens@1"], "cpm": overall["cpm"]}
 
