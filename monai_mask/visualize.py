@@ -237,7 +237,7 @@ def detection_overlay_png(image_path: str | Path, boxes_lps: np.ndarray, out_png
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4), squeeze=False)
     sx, sy, _ = canon.header.get_zooms()[:3]
     centres = ijk if len(ijk) else (np.array(image.shape, float)[None] - 1) / 2
-    for ax, (i, j, k) in zip(axes[0], centres, strict=False):
+    for ax, (i, j, k) in zip(axes[0], centres, strict=True):  # n panels, n centres
         z = int(np.clip(round(k), 0, image.shape[2] - 1))
         ax.imshow(np.rot90(image[:, :, z]), cmap="gray", vmin=lo, vmax=hi,
                   interpolation="nearest", aspect=sy / sx)

@@ -34,3 +34,17 @@ def read_loss_csv(path: Path) -> list[tuple[int, int, float]]:
     """Rows ``(epoch, iteration, loss)`` written by ``LossCSVLogger``."""
     with open(path) as f:
         return [(int(r["epoch"]), int(r["iteration"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def train_workflow(name: str, tmp_path: Path, **overrides):
+    """``ConfigWorkflow`` of bundle ``name``'s train.json, initialised, outputs under tmp_path."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = BUNDLES / name / "configs"
+    wf = ConfigWorkflow(config_file=str(configs / "train.json"),
+                        meta_file=str(configs / "metadata.json"),
+                        logging_file=str(configs / "logging.conf"), workflow_type="train",
+                        bundle_root=str(BUNDLES / name), output_dir=str(tmp_path),
+                        ckpt_dir=str(tmp_path / "m"), **overrides)
+    wf.initialize()
+    return wf

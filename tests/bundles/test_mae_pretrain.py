@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from monai_mask.anomaly import anomaly_auroc
-from tests.bundles.helpers import BUNDLES, REPO, read_loss_csv, run_bundle
+from tests.bundles.helpers import BUNDLES, REPO, read_loss_csv, run_bundle, train_workflow
 
 BUNDLE = BUNDLES / "mae_pretrain"
 SAMPLE = REPO / "sample_data" / "ct"
@@ -34,14 +34,7 @@ def test_metadata_validates(bundle):
 
 
 def test_train_config_has_every_train_property(tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"),
-                        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-                        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-                        workflow_type="train", bundle_root=str(BUNDLE),
-                        output_dir=str(tmp_path), ckpt_dir=str(tmp_path / "m"))
-    wf.initialize()
+    wf = train_workflow("mae_pretrain", tmp_path)
     assert wf.check_properties() == []
     assert wf.max_epochs == 2 and wf.val_interval == 1
 

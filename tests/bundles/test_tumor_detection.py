@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from monai_mask.io.writers import read_boxes_json, read_markups_roi
-from tests.bundles.helpers import BUNDLES, REPO, read_loss_csv, run_bundle
+from tests.bundles.helpers import BUNDLES, REPO, read_loss_csv, run_bundle, train_workflow
 
 BUNDLE = BUNDLES / "tumor_detection"
 PREPARED = REPO / "sample_data" / "ct" / "prepared"
@@ -50,14 +50,7 @@ def test_metadata_validates_and_files_exist():
 
 
 def test_train_config_has_every_train_property(tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"),
-                        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-                        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-                        workflow_type="train", bundle_root=str(BUNDLE),
-                        output_dir=str(tmp_path), ckpt_dir=str(tmp_path / "m"))
-    wf.initialize()
+    wf = train_workflow("tumor_detection", tmp_path)
     assert wf.check_properties() == []
     assert wf.val_interval == 5
 

@@ -19,7 +19,7 @@ import torch
 from monai_mask.data.boxes import RAS_TO_LPS
 from monai_mask.io.dicom import scan_dicom
 from monai_mask.io.readers import read_image
-from tests.bundles.helpers import BUNDLES, REPO, read_loss_csv, run_bundle
+from tests.bundles.helpers import BUNDLES, REPO, read_loss_csv, run_bundle, train_workflow
 from tests.io.conftest import write_dicom_series
 
 BUNDLE = BUNDLES / "tumor_segmentation"
@@ -75,14 +75,7 @@ def test_metadata_validates():
 
 
 def test_train_config_has_every_train_property(tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=str(CONFIGS / "train.json"),
-                        meta_file=str(CONFIGS / "metadata.json"),
-                        logging_file=str(CONFIGS / "logging.conf"), workflow_type="train",
-                        bundle_root=str(BUNDLE), output_dir=str(tmp_path),
-                        ckpt_dir=str(tmp_path / "m"), label_fraction=0.5, label_seed=1)
-    wf.initialize()
+    wf = train_workflow("tumor_segmentation", tmp_path, label_fraction=0.5, label_seed=1)
     assert wf.check_properties() == []
     assert wf.max_epochs == 2 and wf.val_interval == 1
     train_cases = wf.train_dataset_data
