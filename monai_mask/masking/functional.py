@@ -98,10 +98,14 @@ def _resolve_device(generator: torch.Generator, device: torch.device | str | Non
     return dev
 
 
+@functools.lru_cache(maxsize=256)
 def _mean_volume(
-    ranges: Sequence[tuple[int, int]], grid: Sequence[int], grow: int = 0, clipped: bool = False
+    ranges: tuple[tuple[int, int], ...], grid: tuple[int, ...], grow: int = 0,
+    clipped: bool = False,
 ) -> float:
     """Expected block volume in patches (independent uniform sides, limited by the grid).
+
+    Cached: the samplers call it with the same (hashable) arguments on every batch.
 
     ``clipped``: blocks placed as in :func:`_draw_blocks`, whose expected length inside
     the grid along an axis of size ``g`` is ``g * s / (g + s - 1)``.
@@ -136,15 +140,15 @@ def _draw_tables(
     """Constant tables of :func:`_draw_blocks`, built once per configuration and device.
 
     Returns ``lo (K, 3)`` smallest side per block (prior blocks ``+ 2 * margin``), ``span
-    (3,)`` float number of side lengths, ``g (3,)`` grid, ``g - 1`` and C-order ``strides``.
-    Read-only: callers must not modify them in place.
+    (3,)`` float number of side lengths, ``g (3,)`` grid, ``g - 1`` and the grid coordinates
+    ``(L, 3)`` of each C-order patch index. Read-only: callers must not modify them.
     """
     lo = torch.tensor([r[0] for r in ranges]).repeat(kp + ku, 1)
     lo[:kp] += 2 * margin
     span = torch.tensor([float(r[1] - r[0] + 1) for r in ranges])
     g = torch.tensor(grid)
-    strides = torch.tensor([grid[1] * grid[2], grid[2], 1])
-    return tuple(t.to(device) for t in (lo, span, g, g - 1, strides))
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij"), -1)
+    return tuple(t.to(device) for t in (lo, span, g, g - 1, coords.view(-1, 3)))
 
 
 def _draw_blocks(
@@ -164,14 +168,14 @@ def _draw_blocks(
     Returns:
         ``starts`` and ``sizes``, both ``(B, kp + ku, 3)`` long.
     """
-    lo, span, g, gm1, strides = _draw_tables(kp, ku, tuple(ranges), tuple(grid), margin, device)
+    lo, span, g, gm1, coords = _draw_tables(kp, ku, tuple(ranges), tuple(grid), margin, device)
     u = torch.rand(batch, kp + ku, 6, generator=generator, device=device)
     sizes = torch.minimum((u[..., :3] * span).long() + lo, g)
     starts = (u[..., 3:] * (sizes + gm1)).long() - sizes + 1
     if kp:
         centres = torch.multinomial(probs, kp, replacement=True, generator=generator)
         offsets = (sizes[:, :kp] + (u[:, :kp, 3:] < 0.5) - 1) // 2  # even sides either way
-        starts[:, :kp] = centres[..., None] // strides % g - offsets
+        starts[:, :kp] = coords[centres] - offsets
     return starts, sizes
 
 
@@ -260,10 +264,11 @@ def _tie_noise(shape: Sequence[int], generator: torch.Generator, device: torch.d
 def _top_n(score: Tensor, n: int) -> Tensor:
     """Bool mask of the ``n`` highest scores per sample (same shape as ``score``).
 
-    ``score`` is float32 and ``>= 0`` except for one shared negative sentinel value: the
-    selection runs on the int32 view of the float bits, which orders such values as the
-    floats (sign-magnitude: non-negative floats are ordered like their bits), and torch's
-    integer ``topk`` skips the NaN handling of the float one (about 1.5x faster on CPU).
+    ``score`` is float32 without NaN. The selection runs on the int32 view of the float
+    bits (torch's integer ``topk`` skips the NaN handling of the float one: about 1.5x
+    faster on CPU). Non-negative floats are ordered like their bits and all negative ones
+    come below them, but negative scores are *not* ordered among themselves (sign-magnitude):
+    callers use negatives only for patches that must lose to every non-negative score.
     """
     flat = score.reshape(score.shape[0], -1)
     out = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
@@ -392,9 +397,15 @@ def prior_to_placement_probs(
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= uniform_floor <= 1.0:
         raise ConfigError(f"uniform_floor must be in [0, 1], got {uniform_floor}")
-    flat = torch.nan_to_num(prior.float().flatten(1), nan=0.0).clamp_min(0.0)
-    p = torch.softmax(torch.log(flat + eps) / temperature, dim=1)
-    return (1.0 - uniform_floor) * p + uniform_floor / flat.shape[1]
+    flat = prior.float().flatten(1)
+    if temperature == 1.0:  # softmax(log(x)) = x / sum(x), without log and exp
+        # (+inf is capped so that the row sum stays finite)
+        flat = torch.nan_to_num(flat, nan=0.0, posinf=1e30).clamp_min_(0.0).add_(eps)
+        p = flat / flat.sum(1, keepdim=True)
+    else:
+        flat = torch.nan_to_num(flat, nan=0.0).clamp_min_(0.0).add_(eps)
+        p = torch.softmax(flat.log_().div_(temperature), dim=1)
+    return p.mul_(1.0 - uniform_floor).add_(uniform_floor / flat.shape[1])
 
 
 def lesion_aware_block_masking(
@@ -445,9 +456,9 @@ def lesion_aware_block_masking(
     if n_mask == 0 or kp + ku == 0:
         return torch.zeros(batch, *grid, dtype=torch.bool, device=dev)
     probs = prior_to_placement_probs(prior, temperature, uniform_floor)
-    starts, ends = _draw_blocks(batch, kp, ku, ranges, grid, generator, dev, probs, margin)
-    rank = _rank_map(starts, ends, grid)
-    return _two_stage_count(rank, probs.view_as(rank), ku, n_prior, n_mask, generator)
+    starts, sizes = _draw_blocks(batch, kp, ku, ranges, grid, generator, dev, probs, margin)
+    rank = _rank_map(starts, sizes, grid)
+    return _two_stage_count(rank, probs, ku, n_prior, n_mask, generator)
 
 
 def _two_stage_count(
@@ -459,14 +470,19 @@ def _two_stage_count(
     are ranked above all uniform blocks); ``1 <= rank <= ku`` marks uniform-block patches.
     Within a block, patches are kept by placement probability (so a trimmed prior block
     keeps the likely-lesion part) and then by masked neighbours (borders go first).
+    ``rank`` is :func:`_rank_map`'s (``<= 0`` uncovered), ``probs`` the ``(B, L)``
+    placement probabilities.
     """
-    nb = _neighbour_fraction(rank > 0)
-    likely = probs / probs.flatten(1).amax(1).view(-1, 1, 1, 1)  # (0, 1], 1 = most likely
-    priority = torch.add(rank, likely + nb, alpha=0.25)
+    covered = rank > 0
+    nb = _neighbour_fraction(covered)
+    likely = (probs / probs.amax(1, keepdim=True)).view(nb.shape)  # (0, 1], 1 = most likely
     noise = _tie_noise(rank.shape, generator, rank.device)
+    # priority (rank + 0.25 * likely + 0.25 * nb) plus the tie-break noise
+    priority = torch.add(rank, likely.add_(nb), alpha=0.25).add_(noise)
+    # prior-block patches have priority > ku + 0.99, above every other patch (uncovered ones
+    # are negative), so the first top-n needs no mask; `& in_prior` drops any filler
     in_prior = rank > ku
-    keep_prior = _top_n(torch.where(in_prior, priority + noise, -1.0), n_prior) & in_prior
-    in_uniform = (rank > 0) & ~in_prior
-    score = torch.where(in_uniform, 4.0 + priority, nb) + noise
-    score = torch.where(keep_prior, 1e6, score)
-    return _top_n(score, n_mask)
+    keep_prior = _top_n(priority, n_prior) & in_prior
+    in_uniform = covered ^ in_prior  # in_prior is a subset of covered
+    score = torch.where(in_uniform, priority.add_(4.0), nb.add_(noise))
+    return _top_n(score.masked_fill_(keep_prior, 1e6), n_mask)
