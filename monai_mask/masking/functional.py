@@ -18,12 +18,18 @@ Samplers:
   together), the rest on uniform blocks.
 
 How blocks are built (vectorised, no loop over samples or blocks): ``K`` blocks per sample
-are drawn at once; per-axis interval memberships ``(B, K, g)`` are weighted by powers of two
-(earlier blocks heavier) and contracted over ``K`` with one broadcast product and one ``bmm``;
-the binary exponent of the result is, per patch, the rank of the earliest covering block.
-:func:`fix_mask_count` then makes the count exact with one ``topk``: surplus patches are
-removed from the block added last, border patches first; missing patches are grown next to
-existing blocks, falling back to random patches.
+are drawn at once; each block owns one bit of an int64 word, per-axis words ``(B, g)`` of
+the blocks covering each index come from a difference array and a ``cumsum``, and the AND of
+the three axis words of a patch has, as its lowest set bit, the earliest block covering it
+(exact integer arithmetic, no ``(B, K, L)`` tensor). :func:`fix_mask_count` then makes the
+count exact with one ``topk``: surplus patches are removed from the block added last, border
+patches first; missing patches are grown next to existing blocks, falling back to random
+patches.
+
+CPU cost is dominated by the fixed per-call overhead of ~100 small tensor ops and by
+``topk`` (see docs/masking.md#speed); constant index tables are cached per configuration
+and device, and no step copies to the host or loops over samples, so the samplers run
+unchanged on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ BlockSize = tuple[int, int] | Sequence[tuple[int, int]]
 _TIE_NOISE = 0.01  # scale of the random tie-break added to integer-ranked patch scores
 _MAX_FILL = 0.97  # cap of the coverage fraction used to size the number of blocks
 _OVERSUPPLY = 1.25  # blocks drawn beyond the expected need (border effects, overlaps)
-_MAX_BLOCKS = 1000  # bounds the (B, K, 3, g) membership and (B, K / 62, L) bit-word tensors
+_MAX_BLOCKS = 1000  # bounds the (B, K / 62, L) bit-word tensors of _rank_map
 _WORD_BITS = 62  # blocks per int64 bit word in _rank_map (x & -x must stay positive)
 
 
@@ -232,7 +238,7 @@ def _rank_map(starts: Tensor, sizes: Tensor, grid: tuple[int, int, int]) -> Tens
     x = bits[:, :, 0, :gh, None, None] & bits[:, :, 1, None, :gw, None]
     x = x & bits[:, :, 2, None, None, :gd]  # (B, W, gh, gw, gd)
     exponent = (x & -x).float().view(torch.int32) >> 23  # 0, or 127 + lowest set bit
-    # covered: K - 62 w - (lowest set bit); uncovered (exponent 0): below -32000
+    # covered: K - 62 w - (lowest set bit); uncovered (exponent 0): below -64000
     rank = offset - ((exponent + 65409) & 0xFFFF)
     return rank.amax(1) if words > 1 else rank[:, 0]
 
