@@ -138,6 +138,25 @@ def _check_same_series(datasets: list[pydicom.Dataset], where: Path) -> None:
             "source files are not in slice order (strictly increasing along the normal); "
             "pass DicomSeries.unique_files(), the order read_dicom_series uses",
         )
+    _fill_slice_thickness(datasets, depth, where)
+
+
+def _fill_slice_thickness(datasets: list[pydicom.Dataset], depth: np.ndarray, where: Path) -> None:
+    """Give sources without ``SliceThickness`` (optional, Type 2) the slice spacing, in memory.
+
+    highdicom copies the thickness into the SEG's pixel measures and fails without it; the
+    distance between slice positions (median) is the nominal thickness of a contiguous stack.
+    """
+    missing = [ds for ds in datasets if not ds.get("SliceThickness")]
+    if not missing:
+        return
+    if len(depth) < 2:
+        raise InputError(where, "single-slice source without SliceThickness")
+    thickness = float(np.median(np.diff(depth)))
+    logger.warning("%s: %d source slice(s) have no SliceThickness; using the slice spacing "
+                   "%.4g mm", where, len(missing), thickness)  # fmt: skip
+    for ds in missing:
+        ds.SliceThickness = f"{thickness:.6g}"
 
 
 def _coded(code: tuple[str, str, str]) -> hd.sr.CodedConcept:

@@ -297,6 +297,24 @@ def test_dicom_seg_round_trip_generated_oblique_series(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["case_seg.dcm"]
 
 
+def test_dicom_seg_source_without_slice_thickness(tmp_path, caplog):
+    """SliceThickness is optional (Type 2) in CT; the SEG then takes the slice spacing."""
+    on_disk = write_dicom_series(tmp_path / "ct", shape=(12, 10, 6))
+    for f in on_disk.files:
+        ds = pydicom.dcmread(f)
+        del ds.SliceThickness
+        ds.save_as(f, enforce_file_format=True)
+    files = scan_dicom(on_disk.folder)[0].unique_files()
+    label = sample_label((12, 10, 6))
+    with caplog.at_level("WARNING"):
+        path = write_dicom_seg(label, files, tmp_path / "seg.dcm", SEGMENTS)
+    np.testing.assert_array_equal(read_seg_label(path, files, SEGMENTS), label)
+    measures = pydicom.dcmread(path).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(2.0)  # the fixture's 2 mm spacing
+    assert "no SliceThickness" in caplog.text
+    assert not any(secret in caplog.text for secret in SECRETS)
+
+
 def test_dicom_seg_copies_patient_identity_only_when_asked(tmp_path):
     on_disk = write_dicom_series(tmp_path / "ct", shape=(8, 6, 4))
     files = scan_dicom(on_disk.folder)[0].unique_files()
