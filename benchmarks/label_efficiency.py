@@ -4,7 +4,8 @@ Protocol (one dataset per call):
 
 1. ``prepare`` with a fixed hold-out test split (real MRI: benchmarks/splits/hippocampus_test.txt,
    208 train / 52 test; synthetic: generated CT phantoms, the last quarter held out).
-2. Pretrain one tiny ViT MAE per masking scheme on the training images only (no labels):
+2. Pretrain one tiny MAE (ViT, or CNN with ``--backbone cnn``) per masking scheme on the
+   training images only (no labels):
    ``random``, ``block`` and ``lesion_aware`` with the intensity prior (pretraining uses no
    labels).
 3. Fine-tune ``bundles/tumor_segmentation`` from scratch and from each checkpoint with 10 %,
@@ -15,6 +16,8 @@ Everything runs in-process through MONAI's ``ConfigWorkflow`` on the two bundles
 
     python benchmarks/label_efficiency.py --dataset hippocampus --out runs/le_mri
     python benchmarks/label_efficiency.py --dataset synthetic --out runs/le_ct
+    python benchmarks/label_efficiency.py --dataset synthetic --out runs/le_ct_cnn \
+        --backbone cnn --learning-rate 0.01 --iterations 1000
 """
 
 from __future__ import annotations
@@ -67,11 +70,13 @@ def run_workflow(bundle: str, config: str | list[str], **overrides):
     wf.finalize()
 
 
-def pretrain(prepared: Path, out: Path, mode: str, prior: str, epochs: int) -> Path:
+def pretrain(prepared: Path, out: Path, mode: str, prior: str, epochs: int,
+             backbone: str = "vit") -> Path:
     ckpt = out / "models" / "model.pt"
     if not ckpt.exists():
         run_workflow("mae_pretrain", "train.json", dataset_dir=str(prepared),
                      output_dir=str(out), ckpt_dir=str(out / "models"), mask_mode=mode,
+                     backbone=backbone,
                      prior_source=prior, max_epochs=epochs, batch_size=4,
                      learning_rate=0.0005, val_interval=10_000, ckpt_interval=100_000,
                      preview_interval=100_000, **{"train#data": "$@all_data"})
@@ -79,15 +84,17 @@ def pretrain(prepared: Path, out: Path, mode: str, prior: str, epochs: int) -> P
 
 
 def finetune_and_test(prepared: Path, out: Path, ckpt: Path | None, fraction: float, seed: int,
-                      iterations: int, n_train: int, out_channels: int) -> float:
+                      iterations: int, n_train: int, out_channels: int, backbone: str = "vit",
+                      learning_rate: float = 1e-3) -> float:
     summary = out / "eval" / "metrics_summary.json"
     if not summary.exists():
         n_cases = max(1, math.ceil(fraction * n_train))
         epochs = max(1, math.ceil(iterations / math.ceil(n_cases / 2)))
         common = dict(dataset_dir=str(prepared), output_dir=str(out), ckpt_dir=str(out / "models"),
-                      out_channels=out_channels, seed=seed)
+                      out_channels=out_channels, seed=seed, backbone=backbone)
         run_workflow("tumor_segmentation", "train.json", pretrained_ckpt=str(ckpt or ""),
                      label_fraction=fraction, max_epochs=epochs, val_interval=10_000,
+                     learning_rate=learning_rate,
                      ckpt_interval=100_000, **common,
                      **{"train#data": "$monai_mask.engines.finetune.select_labelled("
                                       "@all_data, @label_fraction, @label_seed)"})
@@ -130,6 +137,9 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=int, default=20)
     p.add_argument("--iterations", type=int, default=300, help="fine-tuning budget per run")
     p.add_argument("--json", help="results file (default OUT/results.json)")
+    p.add_argument("--backbone", choices=("vit", "cnn"), default="vit",
+                   help="tiny ViT MAE -> ViTUNETR (default) or tiny CNN MAE -> DynUNet")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="fine-tuning lr")
     args = p.parse_args()
     if args.report:
         print(markdown_table(json.loads(Path(args.report).read_text())["results"]))
@@ -143,8 +153,8 @@ def main() -> None:
     n_train = len(load_datalist(prepared / "datalist.json"))
     out_channels = 3 if args.dataset == "hippocampus" else 2
     results, start = [], time.time()
-    ckpts = {m: pretrain(prepared, out / f"pretrain_{m}", *METHODS[m], args.pretrain_epochs)
-             if METHODS[m] else None for m in args.methods}
+    ckpts = {m: pretrain(prepared, out / f"pretrain_{m}", *METHODS[m], args.pretrain_epochs,
+                         args.backbone) if METHODS[m] else None for m in args.methods}
     # smallest label fraction first: partial results answer the 10 % question first
     for fraction in args.fractions:
         for seed in args.seeds:
@@ -152,7 +162,8 @@ def main() -> None:
                 ckpt = ckpts[method]
                 run = out / f"ft_{method}_f{fraction}_s{seed}"
                 dice = finetune_and_test(prepared, run, ckpt, fraction, seed, args.iterations,
-                                         n_train, out_channels)
+                                         n_train, out_channels, args.backbone,
+                                         args.learning_rate)
                 results.append({"method": method, "fraction": fraction, "seed": seed,
                                 "dice": dice})
                 print(f"{method:13s} labels {fraction:>5.0%} seed {seed}: Dice {dice:.4f} "
