@@ -40,6 +40,7 @@ from pydicom.sr.codedict import codes
 
 from monai_mask import __version__
 from monai_mask.errors import InputError
+from monai_mask.io.dicom import slice_geometry
 from monai_mask.io.writers import SegmentInfo, atomic_write, validate_label
 from monai_mask.privacy import PHI_TAGS, pseudonymize
 
@@ -67,9 +68,9 @@ def read_source_headers(files: Sequence[str | PathLike], where: Path) -> list[py
     """Headers (no pixel data) of the ordered single-frame source slices.
 
     Empty SOPClassUID / SOPInstanceUID (seen in de-identified files) are filled, in memory
-    only, from the file meta information, and missing ``TYPE2_COPIED`` attributes are added
-    empty. Checks one series, one size, no multi-frame
-    file, and strictly increasing positions along the slice normal.
+    only, from the file meta information, missing ``TYPE2_COPIED`` attributes are added
+    empty, and a missing ``SliceThickness`` takes the slice spacing. Checks one series, one
+    size, no multi-frame file, and strictly increasing positions along the slice normal.
 
     Raises:
         InputError: unreadable header, missing geometry or UIDs, mixed or unordered files.
@@ -98,6 +99,7 @@ def read_source_headers(files: Sequence[str | PathLike], where: Path) -> list[py
             raise InputError(file, "source has no ImagePositionPatient/ImageOrientationPatient")
         datasets.append(ds)
     _check_same_series(datasets, where)
+    _fill_slice_thickness(datasets, where)
     return datasets
 
 
@@ -138,21 +140,23 @@ def _check_same_series(datasets: list[pydicom.Dataset], where: Path) -> None:
             "source files are not in slice order (strictly increasing along the normal); "
             "pass DicomSeries.unique_files(), the order read_dicom_series uses",
         )
-    _fill_slice_thickness(datasets, depth, where)
 
 
-def _fill_slice_thickness(datasets: list[pydicom.Dataset], depth: np.ndarray, where: Path) -> None:
+def _fill_slice_thickness(datasets: list[pydicom.Dataset], where: Path) -> None:
     """Give sources without ``SliceThickness`` (optional, Type 2) the slice spacing, in memory.
 
     highdicom copies the thickness into the SEG's pixel measures and fails without it; the
-    distance between slice positions (median) is the nominal thickness of a contiguous stack.
+    median distance between slice positions (:func:`slice_geometry`) is the nominal thickness
+    of a contiguous stack.
     """
     missing = [ds for ds in datasets if not ds.get("SliceThickness")]
     if not missing:
         return
-    if len(depth) < 2:
+    if len(datasets) < 2:
         raise InputError(where, "single-slice source without SliceThickness")
-    thickness = float(np.median(np.diff(depth)))
+    positions = np.asarray([ds.ImagePositionPatient for ds in datasets], dtype=np.float64)
+    orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
+    thickness = slice_geometry(positions, orientation).spacing
     logger.warning("%s: %d source slice(s) have no SliceThickness; using the slice spacing "
                    "%.4g mm", where, len(missing), thickness)  # fmt: skip
     for ds in missing:
