@@ -6,6 +6,12 @@ from the MAE encoder on the training cases, and evaluate both on the datalist's 
 (``prepare --holdout``; ``evaluate.json``: COCO + FROC in world mm). Writes
 ``<out>/detection_study.json`` and a markdown table ``<out>/detection_study.md``.
 
+``--seg-baseline`` adds, per seed, the segmentation baseline evaluated the same way: the
+``bundles/tumor_segmentation`` CNN (scratch, ``--seg-iterations`` at ``--seg-learning-rate``) on
+the same training cases, its tumour probabilities on the test cases turned into boxes by
+connected components (:func:`monai_mask.engines.seg_to_boxes.segmentation_detections`, score =
+max probability, thresholds 0.5 and 0.1).
+
     monai-mask sample-data runs/phantoms --n 36 --seed 100 --modality ct
     seq -f "case_%03g" 24 35 > runs/test_ids.txt
     monai-mask prepare --images runs/phantoms/imagesTr --labels runs/phantoms/labelsTr \
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -53,6 +60,47 @@ def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
     return {"sens@1": overall["sens@1"], "cpm": overall["cpm"]}
 
 
+def _seg_baseline(args, run: Path, seed: int) -> dict:
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from monai_mask.data.datalist import load_datalist
+    from monai_mask.data.presets import load_plan, load_transforms
+    from monai_mask.engines.detection_metrics import evaluate_detections
+    from monai_mask.engines.seg_to_boxes import segmentation_detections
+
+    datalist = Path(args.prepared) / "datalist.json"
+    common = {"dataset_dir": args.prepared, "output_dir": str(run),
+              "ckpt_dir": str(run / "models"), "seed": seed, "backbone": "cnn"}  # fmt: skip
+    model = run / "models" / "model.pt"
+    if not model.is_file():  # a finished run is reused
+        steps = math.ceil(len(load_datalist(datalist)) / 2)  # 2 cases per iteration
+        _run("tumor_segmentation", ["train.json"],
+             {**common, "max_epochs": max(1, math.ceil(args.seg_iterations / steps)),
+              "learning_rate": args.seg_learning_rate, "val_interval": 10**6,
+              "ckpt_interval": 10**6, "train#data": "$@all_data"})  # fmt: skip
+    bundle = find_bundle("tumor_segmentation")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle), **common, "pretrained_ckpt": ""})
+    net = parser.get_parsed_content("network")
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    net.load_state_dict(state["model"] if "model" in state else state)
+    inferer = parser.get_parsed_content("validate#inferer")
+    load = Compose(load_transforms(load_plan(Path(args.prepared) / "plan.json"), ("image",)))
+    samples = [{**d, "image": load({"image": d["image"]})["image"]}
+               for d in load_datalist(datalist, key="test")]  # fmt: skip
+    out = {}
+    for thresh in (0.5, 0.1):
+        cases = segmentation_detections(net, inferer, samples, threshold=thresh, device="cpu")
+        metrics = evaluate_detections(cases)
+        (run / f"metrics_t{thresh}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        out[f"t{thresh}"] = {"sens@1": metrics["overall"]["sens@1"],
+                             "cpm": metrics["overall"]["cpm"]}
+    return out
+
+
 def _table(results: dict) -> str:
     lines = ["| init | seeds | sensitivity @ 1 FP/scan | CPM |", "|---|---|---|---|"]
     for init, runs in results.items():
@@ -73,14 +121,25 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--mae-epochs", type=int, default=50)
     p.add_argument("--mae", help="existing CNN MAE checkpoint (skips pretraining)")
+    p.add_argument("--seg-baseline", action="store_true",
+                   help="add the segmentation -> connected-components baseline per seed")
+    p.add_argument("--seg-only", action="store_true", help="run only the segmentation baseline")
+    p.add_argument("--seg-iterations", type=int, default=1000)
+    p.add_argument("--seg-learning-rate", type=float, default=0.01)
     args = p.parse_args()
     args.prepared = str(Path(args.prepared).resolve())
     out = Path(args.out).resolve()
-    ckpt = _pretrain(args, out)
-    results: dict[str, dict] = {"scratch": {}, "pretrained": {}}
-    for seed in args.seeds:
-        for init, path in (("scratch", ""), ("pretrained", ckpt)):
-            results[init][str(seed)] = _detector(args, out / f"{init}_s{seed}", seed, path)
+    results: dict[str, dict] = {}
+    if not args.seg_only:
+        ckpt = _pretrain(args, out)
+        results.update({"scratch": {}, "pretrained": {}})
+        for seed in args.seeds:
+            for init, path in (("scratch", ""), ("pretrained", ckpt)):
+                results[init][str(seed)] = _detector(args, out / f"{init}_s{seed}", seed, path)
+    if args.seg_baseline or args.seg_only:
+        for seed in args.seeds:
+            for thresh, res in _seg_baseline(args, out / f"segbaseline_s{seed}", seed).items():
+                results.setdefault(f"seg baseline ({thresh})", {})[str(seed)] = res
     (out / "detection_study.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "detection_study.md").write_text(_table(results))
     print(_table(results))

@@ -4,20 +4,24 @@ The foreground probability map of a segmentation model is thresholded, split int
 components, and each component becomes one box (the world bounding box of its voxels, in the
 convention of :func:`monai_mask.data.boxes.boxes_from_label`) scored by the maximum or mean
 probability inside it. The boxes are evaluated exactly as the detector's
-(:func:`monai_mask.engines.detection_metrics.evaluate_detections`).
+(:func:`monai_mask.engines.detection_metrics.evaluate_detections`);
+:func:`segmentation_detections` runs a segmentation network over preprocessed cases and returns
+them in that function's input format.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import numpy as np
+import torch
 from monai.utils import look_up_option
 from scipy import ndimage
 
 from monai_mask.data.boxes import boxes_from_label
 
-__all__ = ["prob_to_boxes"]
+__all__ = ["prob_to_boxes", "segmentation_detections"]
 
 
 def prob_to_boxes(
@@ -58,3 +62,42 @@ def prob_to_boxes(
     scores = scores[keep - 1]
     order = np.argsort(-scores, kind="stable")
     return boxes[order], scores[order], np.zeros(len(order), dtype=np.int64)
+
+
+def segmentation_detections(
+    network: torch.nn.Module, inferer: Callable, samples: Iterable[Mapping],
+    threshold: float = 0.5, score: Literal["max", "mean"] = "max", min_voxels: int = 1,
+    foreground: int = 1, device: str | torch.device = "cpu",
+) -> list[dict]:  # fmt: skip
+    """Run a segmentation network and turn its probabilities into scored world boxes.
+
+    Args:
+        network: a segmentation network (logits ``(1, C, *S)``; softmax over ``C``).
+        inferer: e.g. the bundle's ``SlidingWindowInferer``; called as ``inferer(image, network)``.
+        samples: preprocessed dicts with ``image`` (a ``MetaTensor`` ``(1, *S)`` whose affine
+            is RAS) and optionally ``case_id``, ``box`` (ground truth, ``cccwhd`` LPS mm) and
+            ``box_label``.
+        threshold, score, min_voxels: as :func:`prob_to_boxes`.
+        foreground: the softmax channel whose probability is thresholded.
+        device: where the network runs.
+
+    Returns:
+        one dict per sample with ``case_id``, ``pred_box``, ``pred_score``, ``pred_label``,
+        ``gt_box``, ``gt_label``: the input of
+        :func:`monai_mask.engines.detection_metrics.evaluate_detections`.
+    """
+    network.eval()
+    cases = []
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            image = s["image"]
+            affine = np.asarray(image.affine, dtype=np.float64)  # the preprocessed grid's
+            logits = inferer(image[None].to(device), network)
+            prob = torch.softmax(logits.float(), dim=1)[0, foreground].cpu().numpy()
+            boxes, scores, labels = prob_to_boxes(prob, affine, threshold, score, min_voxels)
+            gt = np.asarray(s.get("box", np.zeros((0, 6))), dtype=np.float64).reshape(-1, 6)
+            cases.append({"case_id": str(s.get("case_id", i)), "pred_box": boxes,
+                          "pred_score": scores, "pred_label": labels, "gt_box": gt,
+                          "gt_label": np.asarray(s.get("box_label", np.zeros(len(gt))),
+                                                 dtype=np.int64).reshape(-1)})  # fmt: skip
+    return cases

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from monai_mask.data.boxes import boxes_from_label
 from monai_mask.engines.detection_metrics import (
@@ -14,7 +15,7 @@ from monai_mask.engines.detection_metrics import (
     froc_hits,
     froc_summary,
 )
-from monai_mask.engines.seg_to_boxes import prob_to_boxes
+from monai_mask.engines.seg_to_boxes import prob_to_boxes, segmentation_detections
 
 GT = np.array([[0.0, 0.0, 0.0, 10.0, 10.0, 10.0], [50.0, 50.0, 50.0, 6.0, 6.0, 6.0]])
 
@@ -103,6 +104,45 @@ def test_seg_probability_baseline_boxes_and_scores():
                                 "pred_label": labels, "gt_box": ref, "gt_label": [0]}])
     assert rep["overall"]["sens@1"] == pytest.approx(1.0)
     assert prob_to_boxes(np.zeros((8, 8, 8)), affine)[0].shape == (0, 6)
+
+
+class _IntensityLogits(torch.nn.Module):
+    """A fixed "segmenter": tumour logit = 20 * (intensity - 0.5), background logit 0."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), 20.0 * (x - 0.5)], dim=1)
+
+
+def test_segmentation_detections_run_the_network_and_return_world_boxes():
+    """Network probabilities on a MetaTensor with an anisotropic, shifted affine -> one box per
+    bright blob, in world LPS mm (the geometry of the label's own boxes), scored by max prob;
+    ground truth passed through; evaluate_detections counts both lesions as found."""
+    from monai.data import MetaTensor
+    from monai.inferers import SimpleInferer
+
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    affine[:3, 3] = [-10, 5, 30]
+    img = np.zeros((24, 24, 16), np.float32)
+    img[3:8, 4:9, 2:5] = 1.0
+    img[15:19, 14:20, 9:12] = 0.6
+    label = np.zeros(img.shape, np.int16)
+    label[3:8, 4:9, 2:5] = 1
+    label[15:19, 14:20, 9:12] = 1
+    gt, _, _ = boxes_from_label(label, affine)
+    sample = {"case_id": "c1", "image": MetaTensor(torch.from_numpy(img)[None], affine=affine),
+              "box": gt, "box_label": [0, 0]}
+    (case,) = segmentation_detections(_IntensityLogits(), SimpleInferer(), [sample],
+                                      threshold=0.5)
+    assert case["case_id"] == "c1"
+    np.testing.assert_allclose(case["pred_box"], gt, atol=1e-6)
+    np.testing.assert_allclose(case["pred_score"], [1 / (1 + np.exp(-10)), 1 / (1 + np.exp(-2))],
+                               rtol=1e-5)
+    np.testing.assert_allclose(case["gt_box"], gt)
+    assert evaluate_detections([case])["overall"]["sens@1"] == pytest.approx(1.0)
+    # a threshold above the dimmer blob's probability (0.88) keeps only the bright one
+    (high,) = segmentation_detections(_IntensityLogits(), SimpleInferer(), [sample],
+                                      threshold=0.95)
+    np.testing.assert_allclose(high["pred_box"], gt[:1], atol=1e-6)
 
 
 def test_pipeline_boxes_map_back_to_the_original_world_boxes():
