@@ -61,14 +61,17 @@ def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
 
 
 def _seg_baseline(args, run: Path, seed: int) -> dict:
-    import torch
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
     from monai_mask.data.datalist import load_datalist
     from monai_mask.data.presets import load_plan, load_transforms
     from monai_mask.engines.detection_metrics import evaluate_detections
-    from monai_mask.engines.seg_to_boxes import segmentation_detections
+    from monai_mask.engines.seg_to_boxes import (
+        detections_from_probabilities,
+        segmentation_probabilities,
+    )
+    from monai_mask.io.checkpoint import extract_state_dict, load_checkpoint
 
     datalist = Path(args.prepared) / "datalist.json"
     common = {"dataset_dir": args.prepared, "output_dir": str(run),
@@ -85,15 +88,15 @@ def _seg_baseline(args, run: Path, seed: int) -> dict:
     parser.read_config(str(bundle / "configs" / "train.json"))
     parser.update({"bundle_root": str(bundle), **common, "pretrained_ckpt": ""})
     net = parser.get_parsed_content("network")
-    state = torch.load(model, map_location="cpu", weights_only=True)
-    net.load_state_dict(state["model"] if "model" in state else state)
+    net.load_state_dict(extract_state_dict(load_checkpoint(model), path=model))
     inferer = parser.get_parsed_content("validate#inferer")
     load = Compose(load_transforms(load_plan(Path(args.prepared) / "plan.json"), ("image",)))
     samples = [{**d, "image": load({"image": d["image"]})["image"]}
                for d in load_datalist(datalist, key="test")]  # fmt: skip
+    probs = segmentation_probabilities(net, inferer, samples)  # the network runs once
     out = {}
     for thresh in (0.5, 0.1):
-        cases = segmentation_detections(net, inferer, samples, threshold=thresh, device="cpu")
+        cases = detections_from_probabilities(probs, threshold=thresh)
         metrics = evaluate_detections(cases)
         (run / f"metrics_t{thresh}.json").write_text(json.dumps(metrics, indent=2) + "\n")
         out[f"t{thresh}"] = {"sens@1": metrics["overall"]["sens@1"],

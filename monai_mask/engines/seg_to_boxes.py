@@ -6,7 +6,8 @@ convention of :func:`monai_mask.data.boxes.boxes_from_label`) scored by the maxi
 probability inside it. The boxes are evaluated exactly as the detector's
 (:func:`monai_mask.engines.detection_metrics.evaluate_detections`);
 :func:`segmentation_detections` runs a segmentation network over preprocessed cases and returns
-them in that function's input format.
+them in that function's input format (:func:`segmentation_probabilities` +
+:func:`detections_from_probabilities`, to run the network once for several thresholds).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from scipy import ndimage
 
 from monai_mask.data.boxes import boxes_from_label
 
-__all__ = ["prob_to_boxes", "segmentation_detections"]
+__all__ = ["prob_to_boxes", "segmentation_probabilities", "detections_from_probabilities",
+           "segmentation_detections"]  # fmt: skip
 
 
 def prob_to_boxes(
@@ -64,6 +66,57 @@ def prob_to_boxes(
     return boxes[order], scores[order], np.zeros(len(order), dtype=np.int64)
 
 
+def segmentation_probabilities(
+    network: torch.nn.Module, inferer: Callable, samples: Iterable[Mapping], foreground: int = 1,
+    device: str | torch.device = "cpu",
+) -> list[tuple[Mapping, np.ndarray, np.ndarray]]:  # fmt: skip
+    """Run a segmentation network over preprocessed samples, once each.
+
+    Args:
+        network: a segmentation network (logits ``(1, C, *S)``; softmax over ``C``).
+        inferer: e.g. the bundle's ``SlidingWindowInferer``; called as ``inferer(image, network)``.
+        samples: preprocessed dicts with ``image`` (a ``MetaTensor`` ``(1, *S)`` whose affine
+            is RAS).
+        foreground: the softmax channel returned.
+        device: where the network runs.
+
+    Returns:
+        per sample ``(sample, foreground probability (*S), RAS affine of that grid)``.
+    """
+    network.eval()
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            image = s["image"]
+            logits = inferer(image[None].to(device), network)
+            prob = torch.softmax(logits.float(), dim=1)[0, foreground].cpu().numpy()
+            out.append((s, prob, np.asarray(image.affine, dtype=np.float64)))
+    return out
+
+
+def detections_from_probabilities(
+    probabilities: Iterable[tuple[Mapping, np.ndarray, np.ndarray]], threshold: float = 0.5,
+    score: Literal["max", "mean"] = "max", min_voxels: int = 1,
+) -> list[dict]:  # fmt: skip
+    """:func:`prob_to_boxes` over the output of :func:`segmentation_probabilities`.
+
+    Returns:
+        one dict per sample with ``case_id`` (the sample's, else its index), ``pred_box``,
+        ``pred_score``, ``pred_label``, and the ground truth ``gt_box`` / ``gt_label`` from the
+        sample's optional ``box`` (``cccwhd`` LPS mm) / ``box_label``: the input of
+        :func:`monai_mask.engines.detection_metrics.evaluate_detections`.
+    """
+    cases = []
+    for i, (s, prob, affine) in enumerate(probabilities):
+        boxes, scores, labels = prob_to_boxes(prob, affine, threshold, score, min_voxels)
+        gt = np.asarray(s.get("box", np.zeros((0, 6))), dtype=np.float64).reshape(-1, 6)
+        cases.append({"case_id": str(s.get("case_id", i)), "pred_box": boxes,
+                      "pred_score": scores, "pred_label": labels, "gt_box": gt,
+                      "gt_label": np.asarray(s.get("box_label", np.zeros(len(gt))),
+                                             dtype=np.int64).reshape(-1)})  # fmt: skip
+    return cases
+
+
 def segmentation_detections(
     network: torch.nn.Module, inferer: Callable, samples: Iterable[Mapping],
     threshold: float = 0.5, score: Literal["max", "mean"] = "max", min_voxels: int = 1,
@@ -71,33 +124,17 @@ def segmentation_detections(
 ) -> list[dict]:  # fmt: skip
     """Run a segmentation network and turn its probabilities into scored world boxes.
 
+    :func:`segmentation_probabilities` then :func:`detections_from_probabilities`; to compare
+    several thresholds, call those two and run the network once.
+
     Args:
-        network: a segmentation network (logits ``(1, C, *S)``; softmax over ``C``).
-        inferer: e.g. the bundle's ``SlidingWindowInferer``; called as ``inferer(image, network)``.
-        samples: preprocessed dicts with ``image`` (a ``MetaTensor`` ``(1, *S)`` whose affine
-            is RAS) and optionally ``case_id``, ``box`` (ground truth, ``cccwhd`` LPS mm) and
-            ``box_label``.
+        samples: as :func:`segmentation_probabilities`, optionally with ``case_id``, ``box``
+            (ground truth, ``cccwhd`` LPS mm) and ``box_label``.
         threshold, score, min_voxels: as :func:`prob_to_boxes`.
-        foreground: the softmax channel whose probability is thresholded.
-        device: where the network runs.
+        network, inferer, foreground, device: as :func:`segmentation_probabilities`.
 
     Returns:
-        one dict per sample with ``case_id``, ``pred_box``, ``pred_score``, ``pred_label``,
-        ``gt_box``, ``gt_label``: the input of
-        :func:`monai_mask.engines.detection_metrics.evaluate_detections`.
+        the input of :func:`monai_mask.engines.detection_metrics.evaluate_detections`.
     """
-    network.eval()
-    cases = []
-    with torch.no_grad():
-        for i, s in enumerate(samples):
-            image = s["image"]
-            affine = np.asarray(image.affine, dtype=np.float64)  # the preprocessed grid's
-            logits = inferer(image[None].to(device), network)
-            prob = torch.softmax(logits.float(), dim=1)[0, foreground].cpu().numpy()
-            boxes, scores, labels = prob_to_boxes(prob, affine, threshold, score, min_voxels)
-            gt = np.asarray(s.get("box", np.zeros((0, 6))), dtype=np.float64).reshape(-1, 6)
-            cases.append({"case_id": str(s.get("case_id", i)), "pred_box": boxes,
-                          "pred_score": scores, "pred_label": labels, "gt_box": gt,
-                          "gt_label": np.asarray(s.get("box_label", np.zeros(len(gt))),
-                                                 dtype=np.int64).reshape(-1)})  # fmt: skip
-    return cases
+    probs = segmentation_probabilities(network, inferer, samples, foreground, device)
+    return detections_from_probabilities(probs, threshold, score, min_voxels)
