@@ -6,6 +6,11 @@ from the MAE encoder on the training cases, and evaluate both on the datalist's 
 (``prepare --holdout``; ``evaluate.json``: COCO + FROC in world mm). Writes
 ``<out>/detection_study.json`` and a markdown table ``<out>/detection_study.md``.
 
+``--inits`` picks the detector arms: ``scratch``, ``pretrained`` (the MAE encoder) and
+``seg`` (the two-step recipe: the encoder of the segmentation baseline's network of the same
+seed, trained on the same cases, which the run trains first when missing). ``--fpn-stages 1``
+adds the stride-2 pyramid level (``detector_archs#cnn#fpn_stages``).
+
 ``--seg-baseline`` adds, per seed, the segmentation baseline evaluated the same way: the
 ``bundles/tumor_segmentation`` CNN (scratch, ``--seg-iterations`` at ``--seg-learning-rate``) on
 the same training cases, its tumour probabilities on the test cases turned into boxes by
@@ -48,7 +53,8 @@ def _pretrain(args, out: Path) -> str:
 
 def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
     common = {"dataset_dir": args.prepared, "output_dir": str(run),
-              "ckpt_dir": str(run / "models"), "seed": seed}  # fmt: skip
+              "ckpt_dir": str(run / "models"), "seed": seed,
+              "detector_archs#cnn#fpn_stages": args.fpn_stages}  # fmt: skip
     if not (run / "models" / "model.pt").is_file():  # a finished run is reused
         _run("tumor_detection", ["train.json"],
              {**common, "max_epochs": args.epochs, "val_interval": args.epochs,
@@ -58,6 +64,22 @@ def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
     _run("tumor_detection", ["train.json", "evaluate.json"], {**common, "eval_data": test})
     overall = json.loads((run / "eval" / "metrics.json").read_text())["overall"]
     return {"sens@1": overall["sens@1"], "cpm": overall["cpm"]}
+
+
+def _seg_model(args, run: Path, seed: int) -> Path:
+    """Train (once) the segmentation baseline's network of this seed; its ``model.pt``."""
+    from monai_mask.data.datalist import load_datalist
+
+    model = run / "models" / "model.pt"
+    if not model.is_file():  # a finished run is reused
+        steps = math.ceil(len(load_datalist(Path(args.prepared) / "datalist.json")) / 2)
+        _run("tumor_segmentation", ["train.json"],
+             {"dataset_dir": args.prepared, "output_dir": str(run),
+              "ckpt_dir": str(run / "models"), "seed": seed, "backbone": "cnn",
+              "max_epochs": max(1, math.ceil(args.seg_iterations / steps)),
+              "learning_rate": args.seg_learning_rate, "val_interval": 10**6,
+              "ckpt_interval": 10**6, "train#data": "$@all_data"})  # fmt: skip
+    return model
 
 
 def _seg_baseline(args, run: Path, seed: int) -> dict:
@@ -76,13 +98,7 @@ def _seg_baseline(args, run: Path, seed: int) -> dict:
     datalist = Path(args.prepared) / "datalist.json"
     common = {"dataset_dir": args.prepared, "output_dir": str(run),
               "ckpt_dir": str(run / "models"), "seed": seed, "backbone": "cnn"}  # fmt: skip
-    model = run / "models" / "model.pt"
-    if not model.is_file():  # a finished run is reused
-        steps = math.ceil(len(load_datalist(datalist)) / 2)  # 2 cases per iteration
-        _run("tumor_segmentation", ["train.json"],
-             {**common, "max_epochs": max(1, math.ceil(args.seg_iterations / steps)),
-              "learning_rate": args.seg_learning_rate, "val_interval": 10**6,
-              "ckpt_interval": 10**6, "train#data": "$@all_data"})  # fmt: skip
+    model = _seg_model(args, run, seed)
     bundle = find_bundle("tumor_segmentation")
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
@@ -124,6 +140,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--mae-epochs", type=int, default=50)
     p.add_argument("--mae", help="existing CNN MAE checkpoint (skips pretraining)")
+    p.add_argument("--inits", nargs="+", default=["scratch", "pretrained"],
+                   choices=["scratch", "pretrained", "seg"], help="detector initialisations")
+    p.add_argument("--fpn-stages", type=int, default=2,
+                   help="first encoder stage in the pyramid (1: add the stride-2 level)")
     p.add_argument("--seg-baseline", action="store_true",
                    help="add the segmentation -> connected-components baseline per seed")
     p.add_argument("--seg-only", action="store_true", help="run only the segmentation baseline")
@@ -134,11 +154,14 @@ def main() -> None:
     out = Path(args.out).resolve()
     results: dict[str, dict] = {}
     if not args.seg_only:
-        ckpt = _pretrain(args, out)
-        results.update({"scratch": {}, "pretrained": {}})
+        ckpt = _pretrain(args, out) if "pretrained" in args.inits else ""
         for seed in args.seeds:
-            for init, path in (("scratch", ""), ("pretrained", ckpt)):
-                results[init][str(seed)] = _detector(args, out / f"{init}_s{seed}", seed, path)
+            for init in args.inits:
+                path = {"scratch": "", "pretrained": ckpt}.get(init)
+                if init == "seg":
+                    path = str(_seg_model(args, out / f"segbaseline_s{seed}", seed))
+                res = _detector(args, out / f"{init}_s{seed}", seed, path)
+                results.setdefault(init, {})[str(seed)] = res
     if args.seg_baseline or args.seg_only:
         for seed in args.seeds:
             for thresh, res in _seg_baseline(args, out / f"segbaseline_s{seed}", seed).items():

@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("segmentation", "detection"), default="segmentation")
     p.add_argument("--prepared", required=True, help="folder written by prepare (with labels)")
     p.add_argument("--out", required=True, help="run folder (models/, loss.csv, tensorboard/)")
-    p.add_argument("--pretrained", help="MAE checkpoint (pretrain's models/model.pt); "
-                   "default: from scratch")
+    p.add_argument("--pretrained", help="MAE checkpoint (pretrain's models/model.pt) or, for "
+                   "--task detection, a segmentation model of the same backbone "
+                   "(finetune --task segmentation's models/model.pt); default: from scratch")
     p.add_argument("--backbone", choices=("vit", "cnn"),
                    help="default: vit for segmentation, cnn for detection")
     p.add_argument("--label-fraction", type=float, default=1.0,

@@ -31,12 +31,17 @@ from monai.transforms import Compose, CopyItemsd, EnsureTyped, Lambdad, SelectIt
 
 from monai_mask.data.presets import load_plan, load_transforms
 
-__all__ = ["detection_transforms", "shift_boxes"]
+__all__ = ["binarise", "detection_transforms", "shift_boxes"]
 
 
 def shift_boxes(boxes: torch.Tensor, offset: float) -> torch.Tensor:
     """``xyzxyz`` boxes with every coordinate moved by ``offset`` voxels (convention change)."""
     return boxes + offset
+
+
+def binarise(label: torch.Tensor) -> torch.Tensor:
+    """Any lesion class -> 1, background 0 (``uint8``)."""
+    return (label > 0).to(torch.uint8)
 
 
 def _box_chain(box_key: str, label_key: str, keep_world: bool) -> list:
@@ -61,6 +66,7 @@ def detection_transforms(
     box_key: str = "box",
     label_key: str = "box_label",
     flip_prob: float = 0.5,
+    seg_key: str | None = None,
 ) -> Compose:
     """Detection pipeline: the plan's load chain, boxes to voxels, crops and flips.
 
@@ -73,11 +79,15 @@ def detection_transforms(
         num_samples: crops per loaded case.
         box_key, label_key: datalist keys of the boxes (cccwhd LPS mm) and their labels.
         flip_prob: probability of a flip along each axis (train).
+        seg_key: datalist key of the label map to load, crop and flip with the image (train
+            only; for the auxiliary segmentation loss of :func:`build_detector`'s
+            ``seg_loss_weight``). Labels are binarised (any lesion class -> 1). None: no map.
     """
     from monai.utils import look_up_option
 
     mode = look_up_option(mode, ("train", "eval", "infer"))
-    chain = load_transforms(load_plan(plan), ("image",))
+    seg = [seg_key] if seg_key and mode == "train" else []
+    chain = load_transforms(load_plan(plan), ("image",), label_keys=seg)
     if mode == "infer":
         return Compose([*chain, SelectItemsd(["image", "case_id"], allow_missing_keys=True)])
     chain += _box_chain(box_key, label_key, keep_world=mode == "eval")
@@ -85,14 +95,17 @@ def detection_transforms(
         keys = ["image", box_key, label_key, "box_world", "case_id"]
         return Compose([*chain, SelectItemsd(keys, allow_missing_keys=True)])
     chain.append(Lambdad(box_key, func=partial(shift_boxes, offset=0.5)))  # to MONAI's [i, i+1)
+    images = ["image", *seg]
     chain.append(RandCropBoxByPosNegLabeld(
-        "image", box_keys=box_key, label_keys=label_key, spatial_size=list(roi_size),
+        images, box_keys=box_key, label_keys=label_key, spatial_size=list(roi_size),
         whole_box=True, num_samples=num_samples, pos=1, neg=1, allow_smaller=True,
     ))  # fmt: skip
     for axis in range(len(roi_size)):
-        chain.append(RandFlipBoxd("image", box_key, box_ref_image_keys="image", prob=flip_prob,
+        chain.append(RandFlipBoxd(images, box_key, box_ref_image_keys="image", prob=flip_prob,
                                   spatial_axis=axis))  # fmt: skip
     chain.append(Lambdad(box_key, func=partial(shift_boxes, offset=-0.5)))  # back to centres
-    chain.append(EnsureTyped("image", track_meta=False))
-    chain.append(SelectItemsd(["image", box_key, label_key]))
+    chain.append(EnsureTyped(images, track_meta=False))
+    if seg:
+        chain.append(Lambdad(seg, func=binarise))
+    chain.append(SelectItemsd([*images, box_key, label_key]))
     return Compose(chain)

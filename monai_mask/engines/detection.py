@@ -79,21 +79,24 @@ class DetectionTrainer(SupervisedTrainer):
 
     Args:
         box_key, label_key: target keys of the samples (the detector's target keys).
+        seg_key: sample key of the crop's label map, passed on in the targets when present
+            (for a detector with a segmentation head; every returned loss is summed).
         amp: bf16 autocast (fp16 on CUDA without bf16). clip_grad: max gradient norm or None.
         The others are ``SupervisedTrainer``'s; ``loss_function`` is unused (the detector
         computes its losses) and outputs are not decollated (``loss``, ``loss_cls``,
-        ``loss_box`` scalars).
+        ``loss_box`` and, with a segmentation head, ``loss_seg`` scalars).
     """
 
     def __init__(self, device, max_epochs: int, train_data_loader, network, optimizer,
-                 box_key: str = "box", label_key: str = "box_label", amp: bool = False,
-                 clip_grad: float | None = None, loss_function: Callable | None = None,
+                 box_key: str = "box", label_key: str = "box_label", seg_key: str = "label",
+                 amp: bool = False, clip_grad: float | None = None,
+                 loss_function: Callable | None = None,
                  train_handlers: Sequence | None = None, **kwargs) -> None:
         super().__init__(device=device, max_epochs=max_epochs,
                          train_data_loader=train_data_loader, network=network,
                          optimizer=optimizer, loss_function=loss_function or _unused_loss,
                          amp=False, train_handlers=train_handlers, decollate=False, **kwargs)
-        self.box_key, self.label_key = box_key, label_key
+        self.box_key, self.label_key, self.seg_key = box_key, label_key, seg_key
         self.use_amp, self.clip_grad = amp, clip_grad
 
     def _iteration(self, engine, batchdata) -> dict:
@@ -103,13 +106,18 @@ class DetectionTrainer(SupervisedTrainer):
         targets = [{self.box_key: _plain(s[self.box_key], dev).float().reshape(-1, 6),
                     self.label_key: _plain(s[self.label_key], dev).long().reshape(-1)}
                    for s in samples]  # fmt: skip
+        for s, t in zip(samples, targets, strict=True):  # label maps for a segmentation head
+            if self.seg_key in s:
+                t[self.seg_key] = _plain(s[self.seg_key], dev).long()
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with autocast_for(dev, self.use_amp):
             losses = engine.network(images, targets)
-        loss_cls, loss_box = losses["classification"], losses["box_regression"]
-        loss = loss_cls + loss_box
-        engine.state.output = {Keys.LOSS: loss, "loss_cls": loss_cls, "loss_box": loss_box}
+        loss = sum(losses.values())
+        engine.state.output = {Keys.LOSS: loss, "loss_cls": losses["classification"],
+                               "loss_box": losses["box_regression"]}  # fmt: skip
+        if "segmentation" in losses:
+            engine.state.output["loss_seg"] = losses["segmentation"]
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss.backward()

@@ -28,10 +28,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
-from monai.losses import FocalLoss
+from monai.losses import DiceCELoss, FocalLoss
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
 from monai.networks.nets import ViT
 from monai.utils import ensure_tuple_rep, look_up_option
@@ -40,7 +41,7 @@ from monai_mask.errors import ConfigError
 from monai_mask.networks.cnn_mae import ResidualEncoder
 
 __all__ = ["ATSSRetinaNetDetector", "CNNFPNBackbone", "ViTSimpleFPN", "FocalLossPerPositive",
-           "build_detector", "load_pretrained_detector", "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
+           "SegmentationAuxHead", "build_detector", "load_pretrained_detector", "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
 
 BACKBONES = ("cnn", "vit")
 CLS_LOSSES = ("focal", "hard_negative")
@@ -50,6 +51,7 @@ DETECTOR_HEAD_PATTERNS = (
     "network.feature_extractor.pyramid.*",
     "network.classification_head.*",
     "network.regression_head.*",
+    "network.seg_head.*",
 )
 _ENCODER = "network.feature_extractor.encoder."
 _VIT = "network.feature_extractor.vit."
@@ -170,13 +172,80 @@ class FocalLossPerPositive(nn.Module):
         return self.focal(logits.float(), target.float()).sum() / target.sum().clamp(min=1.0)
 
 
+class SegmentationAuxHead(nn.Module):
+    """Voxel-wise class logits from the finest pyramid level (Retina U-Net's segmentation head).
+
+    A 3x3 conv + instance norm + ReLU and a 1x1 conv to ``num_classes`` (background included) on
+    the finest feature map, upsampled (trilinear) to the input size.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        norm = nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d
+        self.block = nn.Sequential(conv(in_channels, in_channels, 3, padding=1),
+                                   norm(in_channels, affine=True), nn.ReLU(inplace=True),
+                                   conv(in_channels, num_classes, 1))  # fmt: skip
+        self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
+
+    def forward(self, finest: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``(B, C, *S/s)`` finest level -> ``(B, num_classes, *size)`` logits."""
+        return F.interpolate(self.block(finest), size=tuple(size), mode=self.mode,
+                             align_corners=False)  # fmt: skip
+
+
 class ATSSRetinaNetDetector(RetinaNetDetector):
-    """MONAI ``RetinaNetDetector`` whose matching step needs no torchvision.
+    """MONAI ``RetinaNetDetector`` whose matching step needs no torchvision, with an optional
+    auxiliary segmentation loss (Retina U-Net).
 
     MONAI's ``compute_anchor_matched_idxs`` first tests ``isinstance(matcher, torchvision
     Matcher)``, which raises when torchvision is absent (it is not a dependency here). This
     override runs the same code path for the ATSS matcher that :func:`build_detector` sets.
+
+    When the network has a ``seg_head`` (:func:`build_detector` with ``seg_loss_weight > 0``),
+    training also returns ``losses["segmentation"]``: Dice + cross-entropy of the head's
+    logits against the label map of every training crop (target key ``seg_key``, ``(1, *S)``),
+    times ``seg_loss_weight`` (Jaeger et al., Retina U-Net, ML4H 2019: a dense voxel-wise
+    signal for the small lesions that get only a few positive anchors). Inference is unchanged.
     """
+
+    seg_key: str = "label"
+    seg_loss_weight: float = 0.0
+
+    def forward(self, input_images: list[torch.Tensor] | torch.Tensor,
+                targets: list[dict[str, torch.Tensor]] | None = None,
+                use_inferer: bool = False) -> Any:  # fmt: skip
+        """MONAI's forward, plus the segmentation loss in training when there is a head."""
+        head = getattr(self.network, "seg_head", None)
+        if not self.training or head is None:
+            return super().forward(input_images, targets, use_inferer)
+        if targets is None or any(self.seg_key not in t for t in targets):
+            raise ConfigError(f"seg_loss_weight > 0 needs the label map of every training crop "
+                              f"(target key {self.seg_key!r}; detection_transforms(seg_key="
+                              f"'label'))")  # fmt: skip
+        stash: dict[str, torch.Tensor] = {}
+        hook = self.network.feature_extractor.register_forward_hook(
+            lambda _m, _i, out: stash.__setitem__("finest", out[0]))
+        try:
+            losses = super().forward(input_images, targets)
+        finally:
+            hook.remove()
+        finest = stash["finest"]
+        padded = [int(f * s) for f, s in zip(finest.shape[2:], self._finest_stride(), strict=True)]
+        logits = self.network.seg_head(finest, padded)
+        per_crop = []
+        for i, (image, target) in enumerate(zip(input_images, targets, strict=True)):
+            size = image.shape[-len(padded):]  # the crop before MONAI's divisibility padding
+            crop_logits = logits[i: i + 1][(..., *(slice(0, n) for n in size))]
+            label = target[self.seg_key].to(logits.device).reshape(1, 1, *size)
+            per_crop.append(self._seg_loss(crop_logits, label))
+        losses["segmentation"] = self.seg_loss_weight * torch.stack(per_crop).mean()
+        return losses
+
+    def _finest_stride(self) -> tuple[int, ...]:
+        return tuple(self.network.feature_extractor.level_strides[0])
+
+    _seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     def compute_anchor_matched_idxs(self, anchors: list[torch.Tensor],
                                     targets: list[dict[str, torch.Tensor]],
@@ -240,7 +309,7 @@ def build_detector(
     sw_overlap: float = 0.25, sw_batch_size: int = 1,
     sw_roi_size: Sequence[int] | None = None, box_key: str = "box",
     label_key: str = "box_label", pretrained_ckpt: str | os.PathLike | None = None,
-    **arch: Any,
+    seg_loss_weight: float = 0.0, arch: Mapping[str, Any] | None = None, **arch_kwargs: Any,
 ) -> RetinaNetDetector:  # fmt: skip
     """A ready-to-train and ready-to-infer MONAI ``RetinaNetDetector``.
 
@@ -266,9 +335,17 @@ def build_detector(
             CNN takes any size divisible by its coarsest stride, larger windows are faster).
         box_key, label_key: target keys of the training dicts (the datalist's ``box`` and
             ``box_label``); predicted scores are under ``f"{label_key}_scores"``.
-        pretrained_ckpt: MAE checkpoint whose encoder is loaded strictly (see
+        pretrained_ckpt: MAE or segmentation checkpoint whose encoder is loaded strictly (see
             :func:`load_pretrained_detector`); None or "" for a random initialisation.
-        **arch: cnn: ``filters``, ``strides``, ``kernel_size``, ``fpn_stages``; vit:
+        seg_loss_weight: > 0 adds a segmentation head on the finest pyramid level
+            (:class:`SegmentationAuxHead`, ``num_classes + 1`` classes) whose Dice + CE loss
+            against the training crops' label maps, times this weight, joins the detection
+            losses (Retina U-Net); the training crops must carry the label map (``label``).
+            0: no head (the checkpoint has no ``network.seg_head.*``).
+        arch, **arch_kwargs: backbone settings, as a mapping (what the bundle configs pass,
+            ``detector_archs``) and/or keywords (keywords win). cnn: ``filters``, ``strides``,
+            ``kernel_size``, ``fpn_stages`` (first encoder stage in the pyramid: 2 gives strides
+            4/8/16, 1 adds the stride-2 level small lesions need, at ~3x the compute); vit:
             ``patch_size``, ``hidden_size``, ``num_layers``, ``num_heads``, ``mlp_dim``,
             ``qkv_bias``. Defaults match ``cnn_mae_resenc_tiny_s16_i32`` and
             ``vit_mae_tiny_p8_i32``.
@@ -279,14 +356,20 @@ def build_detector(
     """
     backbone = look_up_option(backbone, BACKBONES)
     img_size = tuple(int(s) for s in ensure_tuple_rep(img_size, spatial_dims))
-    extractor = _feature_extractor(backbone, in_channels, img_size, fpn_channels, arch)
+    extractor = _feature_extractor(backbone, in_channels, img_size, fpn_channels,
+                                   {**(arch or {}), **arch_kwargs})
     coarsest = extractor.level_strides[-1]
     if any(s % c for s, c in zip(img_size, coarsest, strict=True)):
         raise ConfigError(f"img_size {img_size} is not divisible by the coarsest stride {coarsest}")
     anchors = _anchor_generator(extractor.level_strides, base_anchor_shapes)
     net = RetinaNet(spatial_dims, num_classes, anchors.num_anchors_per_location()[0], extractor,
                     size_divisible=coarsest)  # fmt: skip
+    if seg_loss_weight < 0:
+        raise ConfigError(f"seg_loss_weight must be >= 0, got {seg_loss_weight}")
+    if seg_loss_weight > 0:
+        net.seg_head = SegmentationAuxHead(fpn_channels, num_classes + 1, spatial_dims)
     det = ATSSRetinaNetDetector(net, anchors, debug=False)
+    det.seg_loss_weight = float(seg_loss_weight)
     det.set_target_keys(box_key=box_key, label_key=label_key)
     det.set_atss_matcher(num_candidates=atss_candidates, center_in_gt=False)
     if look_up_option(cls_loss, CLS_LOSSES) == "focal":
@@ -308,26 +391,54 @@ def build_detector(
     return det
 
 
-def _cnn_mae_to_detector(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``SparkMAE3D`` keys -> detector encoder keys; pretraining-only keys dropped explicitly."""
+_DYNUNET_ENCODER = ("input_block.", "downsamples.", "bottleneck.")
+_DYNUNET_DROPPED = ("upsamples.", "output_block.", "deep_supervision_heads.", "skip_layers.")
+
+
+def _cnn_to_detector(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CNN encoder keys -> detector encoder keys; keys the detector has no use for dropped.
+
+    Two layouts are accepted: a ``SparkMAE3D`` (``encoder.*``; its pretraining-only decoder and
+    mask tokens are dropped) and a segmentation ``DynUNet`` with the same encoder settings, as
+    the ``tumor_segmentation`` bundle trains (``input_block``, ``downsamples``, ``bottleneck``;
+    its decoder, output block and ``skip_layers`` aliases are dropped). Anything else raises.
+    """
     from monai_mask.errors import CheckpointError
 
+    dynunet = any(k.startswith(_DYNUNET_ENCODER) for k in sd)
+    if dynunet and any(k.startswith("encoder.") for k in sd):
+        raise CheckpointError(None, "state dict mixes MAE (encoder.*) and DynUNet keys")
     out = {}
     for key, value in sd.items():
-        if key.startswith("encoder."):
+        if dynunet and key.startswith(_DYNUNET_ENCODER):
+            out[_ENCODER + key] = value
+        elif not dynunet and key.startswith("encoder."):
             out[_ENCODER + key[len("encoder."):]] = value
-        elif not key.startswith(_CNN_MAE_DROPPED):
-            raise CheckpointError(None, f"unexpected key {key!r} in a CNN MAE state dict")
+        elif not key.startswith(_DYNUNET_DROPPED if dynunet else _CNN_MAE_DROPPED):
+            kind = "DynUNet" if dynunet else "CNN MAE"
+            raise CheckpointError(None, f"unexpected key {key!r} in a {kind} state dict")
     return out
+
+
+def _vit_to_detector(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ViT MAE keys, or the ``vit.*`` encoder of a segmentation ``UNETR`` -> detector keys."""
+    from monai_mask.io import checkpoint as ckpt
+
+    if any(k.startswith("vit.") for k in sd):  # UNETR: keep its ViT, drop its decoder
+        return {_VIT + k[len("vit."):]: v for k, v in sd.items() if k.startswith("vit.")}
+    return ckpt.add_prefix(ckpt.vit_mae_to_vit(sd), _VIT)
 
 
 def load_pretrained_detector(
     detector: nn.Module, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
     backbone: Literal["cnn", "vit"],
 ) -> Any:  # fmt: skip
-    """Load a pretrained MAE encoder into a detector from :func:`build_detector`, strictly.
+    """Load a pretrained encoder into a detector from :func:`build_detector`, strictly.
 
-    Every encoder tensor must load (``required_prefix``); only the pyramid and the heads
+    The checkpoint is an MAE (``mae_pretrain``) or a segmentation network trained by
+    ``tumor_segmentation`` with the same backbone (CNN: DynUNet; ViT: UNETR), whose encoder
+    carries a dense, supervised signal at every stride (the two-step recipe in
+    docs/studies.md). Every encoder tensor must load (``required_prefix``); only the pyramid and the heads
     (``DETECTOR_HEAD_PATTERNS``) may stay missing; nothing unexpected may remain.
 
     Returns:
@@ -343,8 +454,8 @@ def load_pretrained_detector(
     raw = checkpoint if path is None else ckpt.load_checkpoint(path)
     state = ckpt.strip_prefix(ckpt.extract_state_dict(raw, path=path), "module.")
     if backbone == "cnn":
-        maps, prefix = [_cnn_mae_to_detector], _ENCODER
+        maps, prefix = [_cnn_to_detector], _ENCODER
     else:
-        maps, prefix = [ckpt.vit_mae_to_vit, lambda s: ckpt.add_prefix(s, _VIT)], _VIT
+        maps, prefix = [_vit_to_detector], _VIT
     return ckpt.load_into(detector, state, key_map=maps, allow_missing=DETECTOR_HEAD_PATTERNS,
                           allow_unexpected=(), required_prefix=prefix, path=path)  # fmt: skip

@@ -67,6 +67,44 @@ def test_pretrained_encoder_loads_every_tensor(tmp_path, backbone, mae):
                for k in report.missing)
 
 
+@pytest.mark.parametrize("backbone,mae", [("cnn", "cnn_mae_resenc_tiny_s16_i32"),
+                                          ("vit", "vit_mae_tiny_p8_i32")])
+def test_segmentation_encoder_loads_into_the_detector(tmp_path, backbone, mae):
+    """The two-step recipe: a tumor_segmentation network's encoder initialises the detector."""
+    from monai_mask.engines.finetune import segmentation_network_from_mae
+
+    torch.manual_seed(2)
+    seg = segmentation_network_from_mae(mae, roi_size=(32, 32, 32), out_channels=2)
+    path = tmp_path / "seg.pt"
+    torch.save(seg.state_dict(), path)
+    arch = {"fpn_stages": 1} if backbone == "cnn" else None
+    det = build_detector(backbone, img_size=(32, 32, 32), pretrained_ckpt=str(path), arch=arch)
+    if backbone == "cnn":  # the stride-2 level is in the pyramid
+        assert det.network.feature_extractor.level_strides[0] == (2, 2, 2)
+        src = {k: v for k, v in seg.state_dict().items()
+               if k.startswith(("input_block.", "downsamples.", "bottleneck."))}
+        prefix = "network.feature_extractor.encoder."
+    else:
+        src = {k[len("vit."):]: v for k, v in seg.state_dict().items() if k.startswith("vit.")}
+        prefix = "network.feature_extractor.vit."
+    sd = det.state_dict()
+    assert src and all(torch.equal(sd[prefix + k], v) for k, v in src.items())
+    assert len(load_pretrained_detector(det, path, backbone).loaded) == len(src)
+    bad = {**seg.state_dict(), "encoder.extra": torch.zeros(1)} if backbone == "cnn" else None
+    if bad is not None:  # MAE and DynUNet keys in one dict: refused, not half-loaded
+        with pytest.raises(CheckpointError, match="mixes"):
+            load_pretrained_detector(det, bad, backbone)
+
+
+def test_arch_mapping_and_keywords_merge():
+    det = build_detector("cnn", img_size=(32, 32, 32), arch={"fpn_stages": 1}, fpn_stages=3)
+    assert det.network.feature_extractor.level_strides == [(8,) * 3, (16,) * 3]
+    det = build_detector("cnn", img_size=(32, 32, 32), arch={"fpn_stages": 1})
+    assert det.network.feature_extractor.level_strides[0] == (2,) * 3
+    with pytest.raises(ConfigError, match="unknown"):
+        build_detector("cnn", img_size=(32, 32, 32), arch={"patch_size": 8})
+
+
 def test_mismatched_checkpoint_fails_loudly(tmp_path):
     wide = create_model("cnn_mae_resenc_tiny_s16_i32", filters=(8, 16, 32, 64, 128))
     path = tmp_path / "wide.pt"
