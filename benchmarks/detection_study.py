@@ -9,7 +9,8 @@ from the MAE encoder on the training cases, and evaluate both on the datalist's 
 ``--inits`` picks the detector arms: ``scratch``, ``pretrained`` (the MAE encoder) and
 ``seg`` (the two-step recipe: the encoder of the segmentation baseline's network of the same
 seed, trained on the same cases, which the run trains first when missing). ``--fpn-stages 1``
-adds the stride-2 pyramid level (``detector_archs#cnn#fpn_stages``).
+adds the stride-2 pyramid level (``detector_archs#cnn#fpn_stages``); ``--seg-loss-weight``
+> 0 trains every detector arm as a Retina U-Net (a segmentation head on the finest level).
 
 ``--seg-baseline`` adds, per seed, the segmentation baseline evaluated the same way: the
 ``bundles/tumor_segmentation`` CNN (scratch, ``--seg-iterations`` at ``--seg-learning-rate``) on
@@ -54,7 +55,8 @@ def _pretrain(args, out: Path) -> str:
 def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
     common = {"dataset_dir": args.prepared, "output_dir": str(run),
               "ckpt_dir": str(run / "models"), "seed": seed,
-              "detector_archs#cnn#fpn_stages": args.fpn_stages}  # fmt: skip
+              "detector_archs#cnn#fpn_stages": args.fpn_stages,
+              "seg_loss_weight": args.seg_loss_weight}  # fmt: skip
     if not (run / "models" / "model.pt").is_file():  # a finished run is reused
         _run("tumor_detection", ["train.json"],
              {**common, "max_epochs": args.epochs, "val_interval": args.epochs,
@@ -144,6 +146,8 @@ def main() -> None:
                    choices=["scratch", "pretrained", "seg"], help="detector initialisations")
     p.add_argument("--fpn-stages", type=int, default=2,
                    help="first encoder stage in the pyramid (1: add the stride-2 level)")
+    p.add_argument("--seg-loss-weight", type=float, default=0.0,
+                   help="> 0: Retina U-Net, the detector also learns the label maps")
     p.add_argument("--seg-baseline", action="store_true",
                    help="add the segmentation -> connected-components baseline per seed")
     p.add_argument("--seg-only", action="store_true", help="run only the segmentation baseline")

@@ -41,3 +41,25 @@ def test_train_flip_mirrors_boxes_about_the_voxel_centres(entry, flip):
                                    np.asarray(ref["image"][0])[::-1, ::-1, ::-1], atol=1e-6)
     np.testing.assert_allclose(_sorted(np.asarray(out["box"], dtype=np.float64)), _sorted(boxes),
                                atol=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_train_label_map_is_cropped_and_flipped_with_the_image_and_boxes(entry, flip):
+    """``seg_key``: the label map travels with the image, so the lesion voxels stay inside
+    the boxes after random crops and flips (the Retina U-Net loss trains on it)."""
+    chain = detection_transforms(PREPARED / "plan.json", mode="train", roi_size=(32, 32, 16),
+                                 num_samples=4, flip_prob=flip, seg_key="label")  # fmt: skip
+    for crop in chain(dict(entry)):
+        label = np.asarray(crop["label"])
+        assert label.shape == tuple(crop["image"].shape) and set(np.unique(label)) <= {0, 1}
+        ijk = np.argwhere(label[0] > 0)
+        if not len(ijk):
+            continue
+        boxes = np.asarray(crop["box"], dtype=np.float64)
+        inside = np.zeros(len(ijk), dtype=bool)
+        for b in boxes:
+            # one voxel of slack: the label is resampled (nearest), the boxes are exact
+            inside |= np.all((ijk >= b[:3] - 1.0) & (ijk <= b[3:] + 1.0), axis=1)
+        assert inside.mean() > 0.97, f"{inside.mean():.3f} of the lesion voxels outside the boxes"
+    assert "label" not in detection_transforms(PREPARED / "plan.json", mode="eval",
+                                               seg_key="label")(dict(entry))  # fmt: skip

@@ -154,3 +154,37 @@ def test_world_image_world_round_trip(seed):
     perm[:3, 3] = rng.uniform(-50, 50, 3)
     back = image_to_world_boxes(world_to_image_boxes(boxes, perm), perm)
     np.testing.assert_allclose(back, boxes, atol=1e-3)
+
+
+def test_retina_unet_segmentation_loss_trains_the_head_and_the_encoder():
+    """seg_loss_weight > 0: a segmentation head on the finest level joins the losses; crops
+    smaller than the divisibility padding are scored on their own voxels only."""
+    torch.manual_seed(0)
+    det = build_detector("cnn", img_size=(32, 32, 32), seg_loss_weight=0.5,
+                         arch={"fpn_stages": 1})  # fmt: skip
+    assert any(k.startswith("network.seg_head.") for k in det.state_dict())
+    label = torch.zeros(1, 30, 32, 32, dtype=torch.long)  # 30: padded to 32 by the detector
+    label[0, 10:18, 12:19, 6:11] = 1
+    targets = [{**_targets()[0], "label": label}, {**_targets()[1], "label": torch.zeros_like(label)}]
+    images = [torch.randn(1, 30, 32, 32) + 2.0 * label.float(), torch.randn(1, 30, 32, 32)]
+    det.train()
+    opt = torch.optim.Adam(det.parameters(), lr=3e-3)
+    seg_losses = []
+    for _ in range(15):
+        losses = det(images, targets)
+        assert set(losses) == {"classification", "box_regression", "segmentation"}
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        assert det.network.seg_head.block[0].weight.grad.abs().sum() > 0
+        assert next(det.network.feature_extractor.encoder.parameters()).grad.abs().sum() > 0
+        opt.step()
+        seg_losses.append(float(losses["segmentation"]))
+    assert seg_losses[-1] < 0.8 * seg_losses[0], seg_losses
+    with pytest.raises(ConfigError, match="label map"):
+        det(images, _targets())
+    det.eval()
+    with torch.no_grad():  # inference does not need (or use) the head
+        out = det([torch.randn(1, 40, 36, 33)], use_inferer=True)
+    assert out[0]["box"].shape[1] == 6
+    with pytest.raises(ConfigError, match="seg_loss_weight"):
+        build_detector("cnn", img_size=(32, 32, 32), seg_loss_weight=-1.0)
