@@ -41,7 +41,8 @@ from monai_mask.errors import ConfigError
 from monai_mask.networks.cnn_mae import ResidualEncoder
 
 __all__ = ["ATSSRetinaNetDetector", "CNNFPNBackbone", "ViTSimpleFPN", "FocalLossPerPositive",
-           "SegmentationAuxHead", "build_detector", "load_pretrained_detector", "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
+           "SegmentationAuxHead", "build_detector", "load_pretrained_detector",
+           "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
 
 BACKBONES = ("cnn", "vit")
 CLS_LOSSES = ("focal", "hard_negative")
@@ -438,8 +439,8 @@ def load_pretrained_detector(
     The checkpoint is an MAE (``mae_pretrain``) or a segmentation network trained by
     ``tumor_segmentation`` with the same backbone (CNN: DynUNet; ViT: UNETR), whose encoder
     carries a dense, supervised signal at every stride (the two-step recipe in
-    docs/studies.md). Every encoder tensor must load (``required_prefix``); only the pyramid and the heads
-    (``DETECTOR_HEAD_PATTERNS``) may stay missing; nothing unexpected may remain.
+    docs/studies.md). Every encoder tensor must load (``required_prefix``); only the pyramid
+    and the heads (``DETECTOR_HEAD_PATTERNS``) may stay missing; nothing unexpected may remain.
 
     Returns:
         the ``LoadReport`` of :func:`monai_mask.io.checkpoint.load_into`.

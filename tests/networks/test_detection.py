@@ -165,7 +165,8 @@ def test_retina_unet_segmentation_loss_trains_the_head_and_the_encoder():
     assert any(k.startswith("network.seg_head.") for k in det.state_dict())
     label = torch.zeros(1, 30, 32, 32, dtype=torch.long)  # 30: padded to 32 by the detector
     label[0, 10:18, 12:19, 6:11] = 1
-    targets = [{**_targets()[0], "label": label}, {**_targets()[1], "label": torch.zeros_like(label)}]
+    targets = [{**_targets()[0], "label": label},
+               {**_targets()[1], "label": torch.zeros_like(label)}]
     images = [torch.randn(1, 30, 32, 32) + 2.0 * label.float(), torch.randn(1, 30, 32, 32)]
     det.train()
     opt = torch.optim.Adam(det.parameters(), lr=3e-3)
