@@ -42,7 +42,7 @@ from monai_mask.networks.cnn_mae import ResidualEncoder
 
 __all__ = ["ATSSRetinaNetDetector", "CNNFPNBackbone", "ViTSimpleFPN", "FocalLossPerPositive",
            "SegmentationAuxHead", "build_detector", "load_pretrained_detector",
-           "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
+           "trained_fpn_stages", "trained_seg_head", "DETECTOR_HEAD_PATTERNS"]  # fmt: skip
 
 BACKBONES = ("cnn", "vit")
 CLS_LOSSES = ("focal", "hard_negative")
@@ -460,3 +460,35 @@ def load_pretrained_detector(
         maps, prefix = [_vit_to_detector], _VIT
     return ckpt.load_into(detector, state, key_map=maps, allow_missing=DETECTOR_HEAD_PATTERNS,
                           allow_unexpected=(), required_prefix=prefix, path=path)  # fmt: skip
+
+
+def _trained_keys(path: str | os.PathLike | None) -> list[str] | None:
+    """Tensor names of a trained detector checkpoint, or None when there is no such file."""
+    from monai_mask.io import checkpoint as ckpt
+
+    if not path or not os.path.isfile(path):
+        return None  # the checkpoint loader reports the missing file with its own error
+    sd = ckpt.extract_state_dict(ckpt.load_checkpoint(path), path=os.fspath(path))
+    return list(ckpt.strip_prefix(sd, "module.").keys())
+
+
+def trained_fpn_stages(path: str | os.PathLike | None, default: int = 2) -> int:
+    """``fpn_stages`` of the CNN detector saved in ``path`` (from its pyramid and encoder keys).
+
+    Inference configs call it so that a model trained with any ``fpn_stages`` is rebuilt with
+    the same pyramid (MONAI Label and ``monai-mask detect`` pass no training settings);
+    ``default`` when the file is missing or holds no CNN pyramid.
+    """
+    keys = _trained_keys(path)
+    inner = {k.split(".")[4] for k in keys or () if k.startswith("network.feature_extractor.fpn."
+                                                                 "inner_blocks.")}  # fmt: skip
+    down = {k.split(".")[4] for k in keys or ()
+            if k.startswith(_ENCODER + "downsamples.")}  # fmt: skip
+    if not inner or not down:
+        return int(default)
+    return len(down) + 2 - len(inner)  # stages: input block + downsamples + bottleneck
+
+
+def trained_seg_head(path: str | os.PathLike | None) -> bool:
+    """Whether the detector saved in ``path`` has a Retina U-Net head (``seg_loss_weight > 0``)."""
+    return any(k.startswith("network.seg_head.") for k in _trained_keys(path) or ())

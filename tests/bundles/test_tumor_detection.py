@@ -143,29 +143,32 @@ def test_cli_detect_missing_model_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_two_step_recipe_segmentation_encoder_and_stride2_pyramid(tmp_path):
-    """tumor_segmentation's model initialises tumor_detection with fpn_stages 1; inference
-    must be run with the same pyramid (a mismatch fails on the checkpoint, loudly)."""
+    """tumor_segmentation's model initialises a Retina U-Net tumor_detection with fpn_stages 1;
+    inference rebuilds that detector from the checkpoint alone (as MONAI Label must), and a
+    contradicting explicit setting fails loudly on the checkpoint."""
     run_bundle("tumor_segmentation", ["train.json"],
                {"output_dir": str(tmp_path / "seg"), "ckpt_dir": str(tmp_path / "seg" / "models"),
                 "max_epochs": 1, "val_interval": 10, "backbone": "cnn"})
     seg = tmp_path / "seg" / "models" / "model.pt"
-    fpn1 = {"detector_archs#cnn#fpn_stages": 1}
     proc = run_bundle("tumor_detection", ["train.json"],
                       {"output_dir": str(tmp_path / "det"), "ckpt_dir": str(tmp_path / "m"),
-                       "max_epochs": 1, "val_interval": 10, "pretrained_ckpt": str(seg), **fpn1})
+                       "max_epochs": 1, "val_interval": 10, "pretrained_ckpt": str(seg),
+                       "detector_archs#cnn#fpn_stages": 1, "seg_loss_weight": 1.0})
     model = tmp_path / "m" / "model.pt"
     assert model.is_file(), proc.stdout[-2000:]
     import torch
 
     sd = torch.load(model, map_location="cpu", weights_only=True)
     assert any(k.startswith("network.feature_extractor.fpn.inner_blocks.3") for k in sd)
+    assert any(k.startswith("network.seg_head.") for k in sd)
     case = str(REPO / "sample_data" / "ct" / "imagesTr" / "case_000.nii.gz")
     infer = {"ckpt_path": str(model), "input_path": case, "output_dir": str(tmp_path / "out")}
-    run_bundle("tumor_detection", ["inference.json"], {**infer, **fpn1})
+    run_bundle("tumor_detection", ["inference.json"], infer)
     assert (tmp_path / "out" / "case_000_boxes.json").is_file()
     with pytest.raises(AssertionError, match="CheckpointError|size mismatch|Missing|Unexpected"):
         run_bundle("tumor_detection", ["inference.json"],
-                   {**infer, "output_dir": str(tmp_path / "out2")})
+                   {**infer, "output_dir": str(tmp_path / "out2"),
+                    "detector_archs#cnn#fpn_stages": 2})
 
 
 @pytest.mark.slow

@@ -8,7 +8,12 @@ import torch
 
 from monai_mask.errors import CheckpointError, ConfigError
 from monai_mask.io.writers import image_to_world_boxes, world_to_image_boxes
-from monai_mask.networks.detection import build_detector, load_pretrained_detector
+from monai_mask.networks.detection import (
+    build_detector,
+    load_pretrained_detector,
+    trained_fpn_stages,
+    trained_seg_head,
+)
 from monai_mask.networks.registry import create_model
 
 
@@ -189,3 +194,16 @@ def test_retina_unet_segmentation_loss_trains_the_head_and_the_encoder():
     assert out[0]["box"].shape[1] == 6
     with pytest.raises(ConfigError, match="seg_loss_weight"):
         build_detector("cnn", img_size=(32, 32, 32), seg_loss_weight=-1.0)
+
+
+@pytest.mark.parametrize("fpn_stages,seg", [(1, True), (2, False), (3, False)])
+def test_trained_detector_settings_are_read_back_from_its_checkpoint(tmp_path, fpn_stages, seg):
+    det = build_detector("cnn", img_size=(32, 32, 32), seg_loss_weight=float(seg),
+                         fpn_stages=fpn_stages)  # fmt: skip
+    path = tmp_path / "model.pt"
+    torch.save({f"module.{k}": v for k, v in det.state_dict().items()}, path)  # DDP names too
+    assert trained_fpn_stages(path) == fpn_stages and trained_seg_head(path) is seg
+    assert trained_fpn_stages(tmp_path / "none.pt", 2) == 2 and not trained_seg_head(None)
+    vit = tmp_path / "vit.pt"
+    torch.save(build_detector("vit", img_size=(32, 32, 32)).state_dict(), vit)
+    assert trained_fpn_stages(vit, 2) == 2
