@@ -68,6 +68,12 @@ def _detector(args, run: Path, seed: int, ckpt: str) -> dict:
     return {"sens@1": overall["sens@1"], "cpm": overall["cpm"]}
 
 
+def _seg_common(args, run: Path, seed: int) -> dict:
+    """Overrides shared by the segmentation baseline's training and its inference config."""
+    return {"dataset_dir": args.prepared, "output_dir": str(run),
+            "ckpt_dir": str(run / "models"), "seed": seed, "backbone": "cnn"}  # fmt: skip
+
+
 def _seg_model(args, run: Path, seed: int) -> Path:
     """Train (once) the segmentation baseline's network of this seed; its ``model.pt``."""
     from monai_mask.data.datalist import load_datalist
@@ -76,8 +82,7 @@ def _seg_model(args, run: Path, seed: int) -> Path:
     if not model.is_file():  # a finished run is reused
         steps = math.ceil(len(load_datalist(Path(args.prepared) / "datalist.json")) / 2)
         _run("tumor_segmentation", ["train.json"],
-             {"dataset_dir": args.prepared, "output_dir": str(run),
-              "ckpt_dir": str(run / "models"), "seed": seed, "backbone": "cnn",
+             {**_seg_common(args, run, seed),
               "max_epochs": max(1, math.ceil(args.seg_iterations / steps)),
               "learning_rate": args.seg_learning_rate, "val_interval": 10**6,
               "ckpt_interval": 10**6, "train#data": "$@all_data"})  # fmt: skip
@@ -98,13 +103,12 @@ def _seg_baseline(args, run: Path, seed: int) -> dict:
     from monai_mask.io.checkpoint import extract_state_dict, load_checkpoint
 
     datalist = Path(args.prepared) / "datalist.json"
-    common = {"dataset_dir": args.prepared, "output_dir": str(run),
-              "ckpt_dir": str(run / "models"), "seed": seed, "backbone": "cnn"}  # fmt: skip
     model = _seg_model(args, run, seed)
     bundle = find_bundle("tumor_segmentation")
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.json"))
-    parser.update({"bundle_root": str(bundle), **common, "pretrained_ckpt": ""})
+    parser.update({"bundle_root": str(bundle), **_seg_common(args, run, seed),
+                   "pretrained_ckpt": ""})
     net = parser.get_parsed_content("network")
     net.load_state_dict(extract_state_dict(load_checkpoint(model), path=model))
     inferer = parser.get_parsed_content("validate#inferer")
@@ -161,9 +165,10 @@ def main() -> None:
         ckpt = _pretrain(args, out) if "pretrained" in args.inits else ""
         for seed in args.seeds:
             for init in args.inits:
-                path = {"scratch": "", "pretrained": ckpt}.get(init)
-                if init == "seg":
+                if init == "seg":  # the segmentation baseline's network of this seed
                     path = str(_seg_model(args, out / f"segbaseline_s{seed}", seed))
+                else:
+                    path = ckpt if init == "pretrained" else ""
                 res = _detector(args, out / f"{init}_s{seed}", seed, path)
                 results.setdefault(init, {})[str(seed)] = res
     if args.seg_baseline or args.seg_only:

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -212,6 +213,7 @@ class ATSSRetinaNetDetector(RetinaNetDetector):
 
     seg_key: str = "label"
     seg_loss_weight: float = 0.0
+    _seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     def forward(self, input_images: list[torch.Tensor] | torch.Tensor,
                 targets: list[dict[str, torch.Tensor]] | None = None,
@@ -232,8 +234,9 @@ class ATSSRetinaNetDetector(RetinaNetDetector):
         finally:
             hook.remove()
         finest = stash["finest"]
-        padded = [int(f * s) for f, s in zip(finest.shape[2:], self._finest_stride(), strict=True)]
-        logits = self.network.seg_head(finest, padded)
+        stride = self.network.feature_extractor.level_strides[0]
+        padded = [int(f * s) for f, s in zip(finest.shape[2:], stride, strict=True)]
+        logits = head(finest, padded)
         per_crop = []
         for i, (image, target) in enumerate(zip(input_images, targets, strict=True)):
             size = image.shape[-len(padded):]  # the crop before MONAI's divisibility padding
@@ -242,11 +245,6 @@ class ATSSRetinaNetDetector(RetinaNetDetector):
             per_crop.append(self._seg_loss(crop_logits, label))
         losses["segmentation"] = self.seg_loss_weight * torch.stack(per_crop).mean()
         return losses
-
-    def _finest_stride(self) -> tuple[int, ...]:
-        return tuple(self.network.feature_extractor.level_strides[0])
-
-    _seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     def compute_anchor_matched_idxs(self, anchors: list[torch.Tensor],
                                     targets: list[dict[str, torch.Tensor]],
@@ -462,14 +460,23 @@ def load_pretrained_detector(
                           allow_unexpected=(), required_prefix=prefix, path=path)  # fmt: skip
 
 
-def _trained_keys(path: str | os.PathLike | None) -> list[str] | None:
-    """Tensor names of a trained detector checkpoint, or None when there is no such file."""
-    from monai_mask.io import checkpoint as ckpt
+def _trained_keys(path: str | os.PathLike | None) -> tuple[str, ...] | None:
+    """Tensor names of a trained detector checkpoint, or None when there is no such file.
 
+    Read once per file version: inference configs ask for several settings of one checkpoint.
+    """
     if not path or not os.path.isfile(path):
         return None  # the checkpoint loader reports the missing file with its own error
-    sd = ckpt.extract_state_dict(ckpt.load_checkpoint(path), path=os.fspath(path))
-    return list(ckpt.strip_prefix(sd, "module.").keys())
+    st = os.stat(path)
+    return _read_keys(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_keys(path: str, _mtime_ns: int, _size: int) -> tuple[str, ...]:
+    from monai_mask.io import checkpoint as ckpt
+
+    sd = ckpt.extract_state_dict(ckpt.load_checkpoint(path), path=path)
+    return tuple(ckpt.strip_prefix(sd, "module.").keys())
 
 
 def trained_fpn_stages(path: str | os.PathLike | None, default: int = 2) -> int:
